@@ -1,0 +1,234 @@
+"""The SQLite preference cache: the only module that speaks SQL.
+
+Every stage writes here, in a transaction, before the next stage reads. Anchors are kept for the life of the
+cache (the teacher is asked once per prompt, ever); per-round rows (candidates, scores, pairs) are tied to a
+stage fingerprint so a changed recipe recomputes what depends on the change and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pudl.errors import UserError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS prompts (
+  id TEXT PRIMARY KEY, prompt TEXT NOT NULL, system TEXT, answer TEXT);
+CREATE TABLE IF NOT EXISTS anchors (
+  prompt_id TEXT PRIMARY KEY, anchor TEXT NOT NULL, teacher TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS teacher_failures (
+  prompt_id TEXT PRIMARY KEY, error TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+  round INTEGER NOT NULL, prompt_id TEXT NOT NULL, idx INTEGER NOT NULL,
+  text TEXT NOT NULL, token_ids BLOB NOT NULL, logprobs BLOB NOT NULL, finish TEXT NOT NULL,
+  PRIMARY KEY (round, prompt_id, idx));
+CREATE TABLE IF NOT EXISTS scores (
+  round INTEGER NOT NULL, prompt_id TEXT NOT NULL, idx INTEGER NOT NULL, scorer TEXT NOT NULL,
+  score REAL NOT NULL, rank INTEGER NOT NULL,
+  PRIMARY KEY (round, prompt_id, idx, scorer));
+CREATE TABLE IF NOT EXISTS groups (
+  round INTEGER NOT NULL, prompt_id TEXT NOT NULL, status TEXT NOT NULL,
+  PRIMARY KEY (round, prompt_id));
+CREATE TABLE IF NOT EXISTS pairs (
+  round INTEGER NOT NULL, prompt_id TEXT NOT NULL, kind TEXT NOT NULL,
+  chosen_idx INTEGER NOT NULL, rejected_idx INTEGER NOT NULL, margin REAL,
+  ref_chosen REAL, ref_rejected REAL,
+  PRIMARY KEY (round, prompt_id, kind));
+CREATE TABLE IF NOT EXISTS stages (
+  round INTEGER NOT NULL, stage TEXT NOT NULL, fingerprint TEXT NOT NULL, finished REAL NOT NULL,
+  PRIMARY KEY (round, stage));
+"""
+
+ANCHOR_IDX = -1  # chosen_idx of a pair whose chosen side is the anchor
+STAGES = ("sample", "score", "pairs", "train")
+STAGE_TABLES = {"sample": ("candidates",), "score": ("scores", "groups"), "pairs": ("pairs",), "train": ()}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One sampled completion: its text, the sampler's token ids and per-token log-probs."""
+
+    prompt_id: str
+    idx: int
+    text: str
+    token_ids: np.ndarray  # int32 [n]
+    logprobs: np.ndarray  # float32 [n]
+    finish: str  # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt_id: str
+    kind: str
+    chosen_idx: int  # ANCHOR_IDX for the anchor
+    rejected_idx: int
+    margin: float | None  # score gap; None when the chosen side is the anchor (it is not scored)
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+
+class Cache:
+    """A run's SQLite database."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        fresh = not self.path.exists()
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            version = self._schema_version()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path}: not a pudl cache ({e})") from None
+        if version is not None and version != SCHEMA_VERSION:
+            raise UserError(f"{self.path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}")
+        with self.db:
+            self.db.executescript(SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        if fresh:
+            os.chmod(self.path, 0o600)
+
+    def _schema_version(self) -> int | None:
+        has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            return None
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else None
+
+    def close(self):
+        self.db.close()
+
+    # prompts and anchors -------------------------------------------------------------------------
+    def put_prompts(self, prompts):
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?)",
+                [(p.id, p.prompt, p.system, p.answer) for p in prompts],
+            )
+
+    def anchors(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT prompt_id, anchor FROM anchors"))
+
+    def put_anchor(self, prompt_id: str, anchor: str, teacher: str):
+        """Commit one anchor at once: a crash after this never asks the teacher for it again."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?)", (prompt_id, anchor, teacher, time.time()))
+            self.db.execute("DELETE FROM teacher_failures WHERE prompt_id=?", (prompt_id,))
+
+    def put_teacher_failure(self, prompt_id: str, error: str):
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO teacher_failures VALUES (?, ?, ?)", (prompt_id, error, time.time()))
+
+    def teacher_failures(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT prompt_id, error FROM teacher_failures"))
+
+    # stages --------------------------------------------------------------------------------------
+    def stage_done(self, round_: int, stage: str, fingerprint: str) -> bool:
+        row = self.db.execute("SELECT fingerprint FROM stages WHERE round=? AND stage=?", (round_, stage)).fetchone()
+        return row is not None and row[0] == fingerprint
+
+    def stage_recorded(self, round_: int, stage: str) -> bool:
+        return self.db.execute("SELECT 1 FROM stages WHERE round=? AND stage=?", (round_, stage)).fetchone() is not None
+
+    def finish_stage(self, round_: int, stage: str, fingerprint: str):
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?)", (round_, stage, fingerprint, time.time()))
+
+    def clear_from(self, round_: int, stage: str):
+        """Forget `stage` and every later stage of this round and all later rounds (their inputs changed)."""
+        later = STAGES[STAGES.index(stage):]
+        with self.db:
+            for s in later:
+                for table in STAGE_TABLES[s]:
+                    self.db.execute(f"DELETE FROM {table} WHERE round=?", (round_,))  # noqa: S608 (fixed names)
+                self.db.execute("DELETE FROM stages WHERE round=? AND stage=?", (round_, s))
+            for table in ("candidates", "scores", "groups", "pairs", "stages"):
+                self.db.execute(f"DELETE FROM {table} WHERE round>?", (round_,))  # noqa: S608
+
+    # candidates ----------------------------------------------------------------------------------
+    def put_candidates(self, round_: int, candidates: list[Candidate]):
+        """Store all candidates of one prompt in one transaction."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (round_, c.prompt_id, c.idx, c.text, np.asarray(c.token_ids, np.int32).tobytes(),
+                     np.asarray(c.logprobs, np.float32).tobytes(), c.finish)
+                    for c in candidates
+                ],
+            )
+
+    def candidates(self, round_: int) -> dict[str, list[Candidate]]:
+        out: dict[str, list[Candidate]] = {}
+        rows = self.db.execute(
+            "SELECT prompt_id, idx, text, token_ids, logprobs, finish FROM candidates WHERE round=? "
+            "ORDER BY prompt_id, idx", (round_,))
+        for pid, idx, text, ids, lps, finish in rows:
+            out.setdefault(pid, []).append(
+                Candidate(pid, idx, text, np.frombuffer(ids, np.int32), np.frombuffer(lps, np.float32), finish))
+        return out
+
+    def sampled_prompt_ids(self, round_: int) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT prompt_id FROM candidates WHERE round=?", (round_,))}
+
+    # scores --------------------------------------------------------------------------------------
+    def put_scores(self, round_: int, prompt_id: str, scorer: str, scores: list[float], ranks: list[int], status: str):
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                [(round_, prompt_id, i, scorer, float(s), int(r)) for i, (s, r) in enumerate(zip(scores, ranks))],
+            )
+            self.db.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?)", (round_, prompt_id, status))
+
+    def scores(self, round_: int, scorer: str) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for pid, s in self.db.execute(
+            "SELECT prompt_id, score FROM scores WHERE round=? AND scorer=? ORDER BY prompt_id, idx", (round_, scorer)
+        ):
+            out.setdefault(pid, []).append(s)
+        return out
+
+    def scored_prompt_ids(self, round_: int, scorer: str) -> set[str]:
+        rows = self.db.execute("SELECT DISTINCT prompt_id FROM scores WHERE round=? AND scorer=?", (round_, scorer))
+        return {r[0] for r in rows}
+
+    def group_statuses(self, round_: int) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) FROM groups WHERE round=? GROUP BY status", (round_,))
+        return dict(rows)
+
+    # pairs ---------------------------------------------------------------------------------------
+    def put_pairs(self, round_: int, pairs: list[Pair]):
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(round_, p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin, p.ref_chosen, p.ref_rejected)
+                 for p in pairs],
+            )
+
+    def pairs(self, round_: int) -> list[Pair]:
+        rows = self.db.execute(
+            "SELECT prompt_id, kind, chosen_idx, rejected_idx, margin, ref_chosen, ref_rejected FROM pairs "
+            "WHERE round=? ORDER BY prompt_id, kind", (round_,))
+        return [Pair(*r) for r in rows]
+
+    # summaries -----------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        tables = ("prompts", "anchors", "teacher_failures", "candidates", "scores", "pairs")
+        return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}  # noqa: S608
+
+
+def fingerprint(*parts) -> str:
+    """A stable key for what a stage's output depends on."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

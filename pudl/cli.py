@@ -1,0 +1,162 @@
+"""The `pudl` command line: run, eval, doctor.
+
+A mistake a user can make (recipe, files, model) is printed as one line and exits with code 2; Linux users
+get the fast BLAS without doing anything (the process re-executes itself with OpenBLAS preloaded).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from pudl.errors import UserError
+
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Print UserError as one red line and exit 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted: everything finished so far is in the cache; rerun to resume")
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pudl")
+def main():
+    """pudl: positive-unlabeled RL distillation of a small model, offline, on one machine.
+
+    The teacher answers each prompt once (the anchor); the student samples K candidates, ranks them
+    itself with the anchor in context, and learns from the ranking with LoRA. Start with
+    `pudl run recipes/demo.toml`.
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (overrides run.out).")
+@click.option("--quiet", is_flag=True, help="No progress bars; only the final summary.")
+@user_errors
+def run(recipe, out, quiet):
+    """Run RECIPE (TOML) end to end: anchors, sampling, self-ranking, training, export, evaluation.
+
+    Everything is cached in the run directory: rerunning the same recipe resumes where it stopped and
+    never asks the teacher again for a prompt it already answered.
+    """
+    from pudl.loop import run as run_recipe
+    from pudl.recipe import load_recipe
+    from pudl.report import Reporter
+
+    r = load_recipe(recipe, out)
+    summary = run_recipe(r, lambda d: Reporter(d, err_console, quiet=quiet))
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict):
+    console = Console()
+    b, a = summary.get("before") or {}, summary.get("after") or {}
+    console.print(f"[bold]run finished[/] in {summary['wall_seconds']:.0f} s · teacher calls this run: "
+                  f"{summary['teacher_calls']} · adapter: {summary['adapter']}")
+    for key in ("strict_accuracy", "lenient_accuracy", "anchor_score"):
+        if key in b or key in a:
+            console.print(f"  held-out {key:<17} before {b.get(key, float('nan')):.3f}  after {a.get(key, float('nan')):.3f}")
+
+
+@main.command("eval")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--adapter", type=click.Path(dir_okay=False), help="GGUF LoRA to evaluate (e.g. RUN/adapter.gguf).")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Prompts JSONL (default: the recipe's data.eval).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@user_errors
+def eval_(recipe, adapter, prompts, as_json):
+    """Evaluate the student of RECIPE (optionally with an adapter) on held-out prompts.
+
+    Reports strict and lenient accuracy (prompts with an `answer`) and the anchor score (mean token
+    log-prob of the reference answer under the student).
+    """
+    from pathlib import Path
+
+    from pudl.adapters import read_gguf_lora
+    from pudl.evaluate import evaluate
+    from pudl.models import Tokenizer, load_student, resolve_model_path
+    from pudl.prompts import load_prompts
+    from pudl.recipe import load_recipe
+    from pudl.report import Reporter
+    from pudl.sampler import Sampler
+
+    r = load_recipe(recipe)
+    path = prompts or r.data.eval or r.data.prompts
+    items = load_prompts(path)
+    model_path = resolve_model_path(r.student.model)
+    tokenizer = Tokenizer(model_path)
+    adapter_path = Path(adapter) if adapter else None
+    if adapter_path and not adapter_path.is_file():
+        raise UserError(f"--adapter: file not found: {adapter_path}")
+    student = None
+    if adapter_path:
+        lora = read_gguf_lora(adapter_path)
+        student = load_student(model_path, lora.rank, lora.alpha, lora.targets)
+        student.load_lora_state(lora.state)
+    else:
+        student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets)
+    sampler = Sampler(model_path, tokenizer, adapter_path, n_ctx=r.student.n_ctx, threads=r.student.threads)
+    rep = Reporter(None, err_console, quiet=as_json)
+    with rep.phase("eval", len(items)) as advance:
+        result = evaluate(items, sampler, student, tokenizer, max_tokens=r.eval.max_tokens, on_prompt=lambda p: advance())
+    sampler.close()
+    result["prompts"] = str(path)
+    result["adapter"] = str(adapter_path) if adapter_path else None
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "replies"}))
+        return
+    console = Console()
+    for key in ("n", "strict_accuracy", "lenient_accuracy", "anchor_score"):
+        if key in result:
+            console.print(f"{key:<17} {result[key]}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor(as_json):
+    """Check the machine: which BLAS MLX uses (and its measured speed), devices, the built-in model."""
+    from pudl.hardware import blas_report
+
+    report = blas_report(measure=True)
+    try:
+        from pudl.models import resolve_model_path
+
+        report["builtin_model"] = str(resolve_model_path("smollm2-135m"))
+    except UserError as e:
+        report["builtin_model"] = f"missing: {e}"
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+        return
+    console = Console()
+    for key, value in report.items():
+        console.print(f"[bold]{key:<20}[/] {value}", highlight=False)
+
+
+def entry():
+    """Console-script entry: fix BLAS first (may re-exec), then run the click group."""
+    from pudl.hardware import ensure_fast_blas
+
+    ensure_fast_blas()
+    main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,285 @@
+"""The round orchestrator: anchors -> sample -> score -> pairs -> train -> export -> eval.
+
+Every stage writes to the cache before the next reads it. Each round's stages carry a fingerprint of what
+they depend on (the recipe sections and the previous stage's fingerprint), so a rerun skips what is done,
+resumes what was interrupted, and recomputes only what a changed recipe invalidates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pudl import adapters
+from pudl.cache import ANCHOR_IDX, Cache, Pair, fingerprint
+from pudl.errors import TeacherError, UserError
+from pudl.evaluate import evaluate
+from pudl.losses import LOSSES
+from pudl.models import Tokenizer, load_student, resolve_model_path
+from pudl.pairs_data import dpo_batches, pair_sequences
+from pudl.prompts import Prompt, chat_messages, load_prompts
+from pudl.recipe import SCORERS, Recipe
+from pudl.report import Reporter, write_json
+from pudl.sampler import Sampler
+from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
+from pudl.sequences import sequence_logprobs
+from pudl.teachers import make_teacher
+from pudl.train import train
+
+SCORE_CHUNK = 4  # prompts scored (and committed) together
+
+
+class RunLock:
+    """One `pudl run` per run directory: a second one fails at once with a clear message."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "run.lock"
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UserError(f"{self.path.parent}: another pudl run is using this run directory") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+class Run:
+    """State shared by the stages of one `pudl run`."""
+
+    def __init__(self, recipe: Recipe, reporter: Reporter):
+        self.recipe = recipe
+        self.rep = reporter
+        self.run_dir = Path(recipe.run.out)
+        self.cache = Cache(self.run_dir / "cache.sqlite")
+        self.prompts = load_prompts(recipe.data.prompts)
+        self.eval_prompts = load_prompts(recipe.data.eval) if recipe.data.eval else []
+        self.model_path = resolve_model_path(recipe.student.model)
+        self.tokenizer = Tokenizer(self.model_path)
+        self.teacher_calls = 0
+        self._student = None
+
+    @property
+    def student(self):
+        if self._student is None:
+            r = self.recipe
+            self._student = load_student(self.model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed)
+        return self._student
+
+    def sampler(self, adapter: Path | None) -> Sampler:
+        s = self.recipe.student
+        return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
+
+    # teacher -------------------------------------------------------------------------------------
+    def collect_anchors(self) -> dict[str, str]:
+        """Ask the teacher for every prompt without a cached anchor, committing each answer at once."""
+        self.cache.put_prompts(self.prompts)
+        anchors = self.cache.anchors()
+        missing = [p for p in self.prompts if p.id not in anchors]
+        if missing:
+            t = self.recipe.teacher
+            teacher = make_teacher(t.backend, base_url=t.base_url or None, model=t.model or None,
+                                   api_key_env=t.api_key_env or None, path=t.path or None,
+                                   max_tokens=t.max_tokens, temperature=t.temperature)
+            with self.rep.phase("teacher", len(missing)) as advance:
+                for p in missing:
+                    self.teacher_calls += 1
+                    try:
+                        self.cache.put_anchor(p.id, teacher.answer(p), teacher.name)
+                    except TeacherError as e:
+                        self.cache.put_teacher_failure(p.id, str(e))
+                    advance()
+        failures = self.cache.teacher_failures()
+        if failures:
+            self.rep.say(f"[yellow]teacher failed for {len(failures)} prompt(s); they are skipped this run "
+                         f"and retried by the next (first: {next(iter(failures.items()))})")
+        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(self.cache.anchors()), failures=len(failures))
+        return self.cache.anchors()
+
+    # evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, name: str, adapter: Path | None, key: str, anchors: dict[str, str]) -> dict | None:
+        """Held-out evaluation, cached in eval-<name>.json under a fingerprint of what it depends on."""
+        if not self.eval_prompts:
+            return None
+        path = self.run_dir / f"eval-{name}.json"
+        fp = fingerprint(key, self.recipe.eval.max_tokens, [asdict(p) for p in self.eval_prompts])
+        if path.exists():
+            import json
+
+            cached = json.loads(path.read_text())
+            if cached.get("fingerprint") == fp:
+                return cached
+        sampler = self.sampler(adapter)
+        try:
+            with self.rep.phase(f"eval {name}", len(self.eval_prompts)) as advance:
+                result = evaluate(self.eval_prompts, sampler, self.student, self.tokenizer, anchors,
+                                  max_tokens=self.recipe.eval.max_tokens, on_prompt=lambda p: advance())
+        finally:
+            sampler.close()
+        result["fingerprint"] = fp
+        write_json(path, result)
+        self.rep.log("eval", name=name, **{k: v for k, v in result.items() if k not in ("replies", "fingerprint")})
+        return result
+
+    # one round -----------------------------------------------------------------------------------
+    def stage(self, round_: int, name: str, fp: str) -> bool:
+        """True when this stage is already done with this fingerprint; else clear what it left behind."""
+        if self.cache.stage_done(round_, name, fp):
+            return True
+        if self.cache.stage_recorded(round_, name):
+            self.rep.say(f"round {round_}: recipe changed since '{name}' ran; recomputing it and what follows")
+            self.cache.clear_from(round_, name)
+        return False
+
+    def sample(self, round_: int, prompts: list[Prompt], adapter: Path | None, fp: str):
+        if self.stage(round_, "sample", fp):
+            return
+        s = self.recipe.sample
+        todo = [p for p in prompts if p.id not in self.cache.sampled_prompt_ids(round_)]
+        sampler = self.sampler(adapter)
+        try:
+            with self.rep.phase("sample", len(todo), round_) as advance:
+                def store(p, candidates):
+                    self.cache.put_candidates(round_, candidates)
+                    advance()
+
+                sampler.sample_all(todo, s.k, s.temperature, s.top_p, s.max_tokens, self.recipe.run.seed, round_, store)
+        finally:
+            sampler.close()
+        self.cache.finish_stage(round_, "sample", fp)
+
+    def score(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
+        if self.stage(round_, "score", fp):
+            return
+        candidates = self.cache.candidates(round_)
+        done = self.cache.scored_prompt_ids(round_, SCORERS[0])
+        todo = [p for p in prompts if p.id not in done and p.id in candidates]
+        min_gap = self.recipe.rank.min_gap
+        with self.rep.phase("score", len(todo), round_) as advance:
+            for start in range(0, len(todo), SCORE_CHUNK):
+                chunk = todo[start : start + SCORE_CHUNK]
+                groups = [(p, anchors[p.id], candidates[p.id]) for p in chunk]
+                for (p, _, cands), scores in zip(groups, score_groups(self.student, self.tokenizer, groups)):
+                    for scorer in SCORERS:
+                        values = scores.by(scorer)
+                        status = group_status(values, cands, min_gap)
+                        self.cache.put_scores(round_, p.id, scorer, list(values), list(rank(values)), status)
+                    advance()
+        self.cache.finish_stage(round_, "score", fp)
+
+    def make_pairs(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str) -> list[Pair]:
+        if self.stage(round_, "pairs", fp):
+            return self.cache.pairs(round_)
+        r = self.recipe.rank
+        candidates = self.cache.candidates(round_)
+        scores = self.cache.scores(round_, r.scorer)
+        pairs = []
+        for p in prompts:
+            if p.id in scores:
+                pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs, r.min_gap)
+        sequences = pair_sequences(pairs, {p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
+        with self.rep.phase("reference", len(pairs), round_) as advance:
+            ref, _ = sequence_logprobs(self.student, [s for pair in sequences for s in pair], adapter=False)
+            advance(len(pairs))
+        pairs = [Pair(p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin, float(ref[2 * i]), float(ref[2 * i + 1]))
+                 for i, p in enumerate(pairs)]
+        self.cache.put_pairs(round_, pairs)
+        self.cache.finish_stage(round_, "pairs", fp)
+        return pairs
+
+    def train(self, round_: int, pairs: list[Pair], prompts: list[Prompt], anchors: dict[str, str], fp: str) -> Path:
+        round_dir = self.run_dir / f"round-{round_}"
+        adapter_path = round_dir / "adapter.safetensors"
+        if self.stage(round_, "train", fp) and adapter_path.exists():
+            adapters.load_adapter(self.student, adapter_path)
+            return round_dir / "adapter.gguf"
+        t = self.recipe.train
+        candidates = self.cache.candidates(round_)
+        batches, skipped = dpo_batches(pairs, {p.id: p for p in prompts}, anchors, candidates, self.tokenizer, t,
+                                       seed=self.recipe.run.seed + round_)
+        if skipped:
+            self.rep.say(f"round {round_}: {skipped} pair(s) longer than train.max_seq_len={t.max_seq_len} skipped")
+        if not batches:
+            raise UserError(f"round {round_}: no preference pairs to train on (see rank.pairs and the group statuses)")
+        with self.rep.phase("train", len(batches), round_) as advance:
+            def on_step(step, row):
+                self.rep.log("step", round=round_, **row)
+                advance()
+
+            result = train(self.student, batches, LOSSES[t.algo], t, checkpoint_dir=round_dir, fingerprint=fp,
+                           on_step=on_step)
+        if result.resumed_from:
+            self.rep.say(f"round {round_}: training resumed from step {result.resumed_from}")
+        with self.rep.phase("export", 1, round_) as advance:
+            adapters.save_adapter(self.student, adapter_path)
+            adapters.write_gguf_lora(self.student, round_dir / "adapter.gguf")
+            advance()
+        self.cache.finish_stage(round_, "train", fp)
+        return round_dir / "adapter.gguf"
+
+
+def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
+    """Run a recipe to the end (resuming from the cache) and return the summary."""
+    run_dir = Path(recipe.run.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    t0 = time.perf_counter()
+    with RunLock(run_dir):
+        rep = reporter_factory(run_dir)
+        state = Run(recipe, rep)
+        anchors = state.collect_anchors()
+        prompts = [p for p in state.prompts if p.id in anchors]
+        if not prompts:
+            raise UserError("no prompt has an anchor: the teacher failed for all of them")
+        base_key = fingerprint(str(state.model_path), recipe.section_dict("lora"), recipe.run.seed)
+        before = state.evaluate("before", None, base_key, anchors)
+        prev_fp, adapter = base_key, None
+        for round_ in range(1, recipe.run.rounds + 1):
+            fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"), [p.id for p in prompts])
+            fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
+            fp_pairs = fingerprint(fp_score, recipe.section_dict("rank"))
+            fp_train = fingerprint(fp_pairs, recipe.section_dict("train", "lora"))
+            state.sample(round_, prompts, adapter, fp_sample)
+            state.score(round_, prompts, anchors, fp_score)
+            pairs = state.make_pairs(round_, prompts, anchors, fp_pairs)
+            adapter = state.train(round_, pairs, prompts, anchors, fp_train)
+            statuses = state.cache.group_statuses(round_)
+            rep.log("round", round=round_, pairs=len(pairs), groups=statuses,
+                    candidates=sum(len(c) for c in state.cache.candidates(round_).values()))
+            prev_fp = fp_train
+        shutil.copyfile(adapter, run_dir / "adapter.gguf.tmp")
+        os.replace(run_dir / "adapter.gguf.tmp", run_dir / "adapter.gguf")
+        after = state.evaluate("after", adapter, prev_fp, anchors)
+        summary = {
+            "recipe": recipe.path,
+            "rounds": recipe.run.rounds,
+            "prompts": len(state.prompts),
+            "teacher_calls": state.teacher_calls,
+            "teacher_failures": len(state.cache.teacher_failures()),
+            "cache": state.cache.counts(),
+            "before": _brief(before),
+            "after": _brief(after),
+            "phase_seconds": {k: round(v, 2) for k, v in rep.phase_seconds.items()},
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+            "adapter": str(run_dir / "adapter.gguf"),
+        }
+        write_json(run_dir / "summary.json", summary)
+        state.cache.close()
+        return summary
+
+
+def _brief(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k not in ("replies", "fingerprint")}

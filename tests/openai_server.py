@@ -1,0 +1,135 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 for tests, with injectable faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAULTS = ("401", "403", "429", "500", "502", "503", "malformed", "empty", "slow", "cutoff", "redirect", "echo_auth")
+
+
+def answer_for(text: str) -> str:
+    """The deterministic answer the server gives for a last user message."""
+    return f"ECHO[{text.upper()}]"
+
+
+class OpenAIServer:
+    """Serves POST /v1/chat/completions; records every request; faults are queued with `inject`."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self._faults: deque[tuple[str, dict]] = deque()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def inject(self, fault: str, n: int = 1, **options) -> None:
+        """Answer the next `n` requests with `fault` (see FAULTS); options: retry_after, sleep_s, location, status."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}")
+        with self._lock:
+            self._faults.extend([(fault, options)] * n)
+
+    def _next_fault(self) -> tuple[str, dict] | None:
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> OpenAIServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def _send(self, status: int, body: bytes, headers: dict | None = None, length: int | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            self.send_header("Connection", "close")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. timed out)
+                pass
+            self.close_connection = True
+
+        def _completion(self, content: str) -> bytes:
+            return json.dumps(
+                {
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                }
+            ).encode()
+
+        def do_GET(self) -> None:
+            server.requests.append({"method": "GET", "path": self.path, "authorization": self.headers.get("Authorization")})
+            self._send(404, b'{"error": "not found"}')
+
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            auth = self.headers.get("Authorization")
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            server.requests.append({"method": "POST", "path": self.path, "authorization": auth, "body": body})
+            if self.path != "/v1/chat/completions":
+                return self._send(404, b'{"error": "not found"}')
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                return self._send(400, b'{"error": "bad request"}')
+            users = [m.get("content", "") for m in body["messages"] if m.get("role") == "user"]
+            good = self._completion(answer_for(users[-1] if users else ""))
+            fault = server._next_fault()
+            if fault is None:
+                return self._send(200, good)
+            kind, opt = fault
+            if kind == "429":
+                headers = {"Retry-After": str(opt["retry_after"])} if "retry_after" in opt else {}
+                return self._send(429, b'{"error": "rate limited"}', headers)
+            if kind in ("500", "502", "503"):
+                return self._send(int(kind), b'{"error": "server error"}')
+            if kind == "echo_auth":  # a careless server that echoes the credentials it was sent
+                return self._send(500, json.dumps({"error": f"bad auth {auth}"}).encode())
+            if kind in ("401", "403"):
+                return self._send(int(kind), json.dumps({"error": f"invalid key {auth}"}).encode())
+            if kind == "malformed":
+                return self._send(200, b'{"choices": [{"message": ')
+            if kind == "empty":
+                return self._send(200, self._completion(""))
+            if kind == "slow":
+                time.sleep(opt.get("sleep_s", 1.0))
+                return self._send(200, good)
+            if kind == "cutoff":  # promise the whole body, send half, hang up
+                return self._send(200, good[: len(good) // 2], length=len(good))
+            if kind == "redirect":
+                return self._send(opt.get("status", 302), b"", {"Location": opt["location"]})
+
+    return Handler

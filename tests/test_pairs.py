@@ -1,0 +1,51 @@
+import numpy as np
+
+from pudl.cache import ANCHOR_IDX, Candidate
+from pudl.scoring import group_status, make_pairs, rank, roc_auc
+
+
+def cands(*texts):
+    return [Candidate("p", i, t, np.array([1, 2], np.int32), np.zeros(2, np.float32), "stop") for i, t in enumerate(texts)]
+
+
+def test_rank_is_stable_on_ties():
+    assert rank(np.array([0.5, 0.9, 0.5, -1.0])).tolist() == [1, 0, 2, 3]
+
+
+def test_best_vs_worst_and_anchor_vs_worst():
+    c = cands("Paris.", "The capital is Paris", "London")
+    s = np.array([-0.5, -0.2, -3.0])
+    pairs = make_pairs("p", "Paris", c, s, "both", 1e-6)
+    kinds = {p.kind: p for p in pairs}
+    assert (kinds["best-vs-worst"].chosen_idx, kinds["best-vs-worst"].rejected_idx) == (1, 2)
+    assert abs(kinds["best-vs-worst"].margin - 2.8) < 1e-9
+    assert (kinds["anchor-vs-worst"].chosen_idx, kinds["anchor-vs-worst"].rejected_idx) == (ANCHOR_IDX, 2)
+    assert [p.kind for p in make_pairs("p", "Paris", c, s, "best-vs-worst", 1e-6)] == ["best-vs-worst"]
+    assert [p.kind for p in make_pairs("p", "Paris", c, s, "anchor-vs-worst", 1e-6)] == ["anchor-vs-worst"]
+
+
+def test_ties_all_equal_empty_and_single_groups_give_no_candidate_pair():
+    same = cands("Paris", "Paris")
+    assert group_status(np.array([-1.0, -1.0]), same, 1e-6) == "all-equal"
+    assert [p.kind for p in make_pairs("p", "Rome", same, np.array([-1.0, -1.0]), "both", 1e-6)] == ["anchor-vs-worst"]
+    tie = cands("a", "b")
+    assert group_status(np.array([-1.0, -1.0]), tie, 1e-6) == "all-equal"
+    empty = cands("", "  ")
+    assert group_status(np.array([-1.0, -2.0]), empty, 1e-6) == "all-empty"
+    assert group_status(np.array([-1.0]), cands("x"), 1e-6) == "single"
+    assert make_pairs("p", "x", cands("x"), np.array([-1.0]), "both", 1e-6) == []  # worst already says the anchor
+
+
+def test_empty_candidate_is_never_chosen():
+    c = cands("", "Paris", "Rome")
+    pairs = make_pairs("p", "Paris", c, np.array([5.0, -1.0, -2.0]), "best-vs-worst", 1e-6)
+    assert pairs[0].chosen_idx == 1 and pairs[0].rejected_idx == 2
+
+
+def test_roc_auc_against_bruteforce():
+    rng = np.random.default_rng()
+    s = np.round(rng.normal(size=40), 1)  # rounding makes ties
+    y = rng.random(40) < 0.4
+    brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in s[y] for b in s[~y]])
+    assert abs(roc_auc(s, y) - brute) < 1e-12
+    assert np.isnan(roc_auc([1.0, 2.0], [True, True]))

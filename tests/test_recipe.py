@@ -1,0 +1,53 @@
+import pytest
+
+from pudl.errors import UserError
+from pudl.recipe import LORA_TARGETS, load_recipe
+
+PROMPTS = '{"prompt": "What is 2 + 2? Reply with only the number.", "answer": "4"}\n'
+
+
+def write(tmp_path, text, prompts=PROMPTS):
+    (tmp_path / "p.jsonl").write_text(prompts)
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    r = load_recipe(write(tmp_path, '[data]\nprompts = "p.jsonl"\n'))
+    assert r.data.prompts == str(tmp_path / "p.jsonl")
+    assert r.sample.k == 4 and r.train.algo == "dpo" and r.lora.targets == list(LORA_TARGETS)
+    assert r.run.out == "runs/r"
+
+
+def test_out_override_and_int_to_float(tmp_path):
+    r = load_recipe(write(tmp_path, '[data]\nprompts = "p.jsonl"\n[train]\nbeta = 1\n'), out="elsewhere")
+    assert r.run.out == "elsewhere" and isinstance(r.train.beta, float)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('[data]\nprompts = "p.jsonl"\n[sample]\nk = 0\n', "sample.k"),
+    ('[data]\nprompts = "p.jsonl"\n[sample]\ntemperature = -1\n', "sample.temperature"),
+    ('[data]\nprompts = "p.jsonl"\n[lora]\nrank = 0\n', "lora.rank"),
+    ('[data]\nprompts = "p.jsonl"\n[sample]\nk = "four"\n', "sample.k"),
+    ('[data]\nprompts = "p.jsonl"\n[sample]\nkk = 3\n', "sample.kk"),
+    ('[data]\nprompts = "p.jsonl"\n[samples]\nk = 3\n', "[samples]"),
+    ('[data]\nprompts = "missing.jsonl"\n', "data.prompts"),
+    ('[sample]\nk = 2\n', "data.prompts"),
+    ('[data]\nprompts = "p.jsonl"\n[rank]\nscorer = "vibes"\n', "rank.scorer"),
+    ('[data]\nprompts = "p.jsonl"\n[lora]\ntargets = ["qq_proj"]\n', "lora.targets"),
+    ('[data]\nprompts = "p.jsonl"\n[teacher]\nbackend = "openai"\n', "teacher.base_url"),
+    ('[data]\nprompts = "p.jsonl"\n[teacher]\nbackend = "jsonl"\n', "teacher.path"),
+    ('[data]\nprompts = "p.jsonl"\n[train]\nepochs = true\n', "train.epochs"),
+    ('[data\nprompts = 1', "invalid TOML"),
+])
+def test_bad_recipes_name_the_key(tmp_path, body, needle):
+    with pytest.raises(UserError) as e:
+        load_recipe(write(tmp_path, body))
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.toml")
