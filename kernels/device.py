@@ -4,7 +4,8 @@ The matmuls stay with MLX (its GEMMs are already tuned); these kernels replace t
 elementwise + reduction work on each [N, C] logits chunk:
 
 * ``lse_step``: one threadgroup per row reads the chunk once, computing the chunk max
-  and sum of exp, merges them into the running (max, sum) and picks the target logit.
+  and sum of exp in one pass (online), merges them into the running log-sum-exp and
+  picks the target logit.
 * ``dlogits``: one thread per element, g_onehot * onehot(t) - g_soft * exp(z - lse).
 
 Not run on the machines this was written on (CPU only); see docs/kernels.md.
@@ -75,14 +76,14 @@ _METAL_LSE = """
     if (tid == 0) {
         gs = 0.0f;
         for (uint k = 0; k < NSG; ++k) { gs += shm[k]; }
-        float m0 = m_in[row], s0 = s_in[row];
-        float mn = metal::max(m0, gm);
-        float a = (m0 == NEG_INF) ? 0.0f : s0 * metal::exp(m0 - mn);
-        float b = (gm == NEG_INF) ? 0.0f : gs * metal::exp(gm - mn);
-        m_out[row] = mn;
-        s_out[row] = a + b;
-        int lt = local_t[row];
-        t_out[row] = (lt >= 0 && lt < C) ? float(z[lt]) : t_in[row];
+        // Merge with the running log-sum-exp (which starts at -inf).
+        float l0 = lse_in[row];
+        float lc = gm + metal::log(gs);
+        float mn = metal::max(l0, lc);
+        float a = (l0 == NEG_INF) ? 0.0f : metal::exp(l0 - mn);
+        float b = (lc == NEG_INF) ? 0.0f : metal::exp(lc - mn);
+        lse_out[row] = mn + metal::log(a + b);
+        t_out[row] = inside[row] ? float(z[local_t[row]]) : t_in[row];
     }
 """
 
@@ -138,14 +139,14 @@ _CUDA_LSE = """
     if (tid == 0) {
         gs = 0.0f;
         for (int k = 0; k < NW; ++k) gs += shm[k];
-        float m0 = m_in[row], s0 = s_in[row];
-        float mn = fmaxf(m0, gm);
-        float a = (m0 == NEG_INF) ? 0.0f : s0 * expf(m0 - mn);
-        float b = (gm == NEG_INF) ? 0.0f : gs * expf(gm - mn);
-        m_out[row] = mn;
-        s_out[row] = a + b;
-        int lt = local_t[row];
-        t_out[row] = (lt >= 0 && lt < C) ? static_cast<float>(z[lt]) : t_in[row];
+        // Merge with the running log-sum-exp (which starts at -inf).
+        float l0 = lse_in[row];
+        float lc = gm + logf(gs);
+        float mn = fmaxf(l0, lc);
+        float a = (l0 == NEG_INF) ? 0.0f : expf(l0 - mn);
+        float b = (lc == NEG_INF) ? 0.0f : expf(lc - mn);
+        lse_out[row] = mn + logf(a + b);
+        t_out[row] = inside[row] ? static_cast<float>(z[local_t[row]]) : t_in[row];
     }
 """
 
@@ -159,8 +160,8 @@ _CUDA_DLOGITS = """
     out[elem] = static_cast<T>(hot - g_soft[row] * p);
 """
 
-_LSE_IN = ["logits", "local_t", "m_in", "s_in", "t_in"]
-_LSE_OUT = ["m_out", "s_out", "t_out"]
+_LSE_IN = ["logits", "local_t", "inside", "lse_in", "t_in"]
+_LSE_OUT = ["lse_out", "t_out"]
 _DL_IN = ["logits", "local_t", "lse", "g_onehot", "g_soft", "rows"]
 
 
@@ -182,17 +183,17 @@ def _kernels(backend: str):
 
 
 def lse_step(backend: str):
-    """Device version of logprobs._lse_step(logits, local_t, m, s, tl) -> (m, s, tl)."""
+    """Device version of logprobs._lse_step(logits, local_t, inside, lse, tl) -> (lse, tl)."""
     kernel = _kernels(backend)[0]
 
-    def step(logits, local_t, m, s, tl):
+    def step(logits, local_t, inside, lse, tl):
         n, c = logits.shape
         return kernel(
-            inputs=[logits, local_t.astype(mx.int32), m, s, tl],
+            inputs=[logits, local_t.astype(mx.int32), inside, lse, tl],
             template=[("T", logits.dtype), ("C", c), ("TG", THREADS)],
             grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(n,), (n,), (n,)],
-            output_dtypes=[mx.float32, mx.float32, mx.float32],
+            output_shapes=[(n,), (n,)],
+            output_dtypes=[mx.float32, mx.float32],
         )
 
     return step

@@ -1,10 +1,10 @@
 """Fused LM head + selective log-softmax: log p(target) per token without the full B*T*V logits.
 
 The forward pass walks the vocabulary in chunks of ``chunk_size`` rows of the head,
-keeping an online log-sum-exp (running max ``m`` and rescaled sum ``s``) and picking
-the target logit out of the chunk that holds it.  The backward pass recomputes each
-chunk's logits from ``hidden`` and ``weight`` (nothing of size V is stored) and turns
-them straight into the two matmul gradients.  See docs/kernels.md for the derivation.
+folding each chunk's log-sum-exp into a running one (logaddexp) and picking the target
+logit out of the chunk that holds it.  The backward pass recomputes each chunk's logits
+from ``hidden`` and ``weight`` (nothing of size V is stored) and turns them straight
+into the two matmul gradients.  See docs/kernels.md for the derivation and figures.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ def naive_token_logprobs(hidden: mx.array, weight: mx.array, targets: mx.array,
     return out
 
 
+# mask: 1 = score this position; 0 = output exactly 0 with zero gradient (targets there may
+#   be anything, e.g. -100).  chunk_size: vocabulary rows per chunk; memory is
+#   O(N * chunk_size).  backend: "auto" picks the Metal/CUDA kernels when the default device
+#   is such a GPU, else the compiled-MLX path ("mlx").  head_grad: only a speed switch, the
+#   weight gradient is exact either way.  False (frozen head, e.g. LoRA): dW is a separate
+#   lazy chain that costs nothing unless asked for, and recomputes the logits when it is.
+#   True (trained head, tied embeddings): dW shares the backward pass with dh.
 def token_logprobs(hidden: mx.array, weight: mx.array, targets: mx.array,
                    mask: mx.array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    backend: str = "auto", head_grad: bool = False) -> mx.array:
@@ -79,18 +86,29 @@ def _chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + chunk, vocab)) for c0 in range(0, vocab, chunk)]
 
 
+def _local_targets(t: mx.array, vocab: int, chunk: int) -> tuple[mx.array, mx.array]:
+    """Per chunk [n_chunks, N]: target column inside the chunk (clipped) and whether it is there.
+
+    Computed once for all chunks: under mx.compile, per-chunk `t - c0` would bake each
+    c0 into its own JIT-compiled CPU kernel.
+    """
+    # Padding positions may carry ids like -100; clipping keeps every gather in bounds.
+    t = mx.clip(t, 0, vocab - 1)
+    local = t[None, :] - mx.arange(0, vocab, chunk, dtype=mx.int32)[:, None]
+    inside = (local >= 0) & (local < chunk)
+    return mx.clip(local, 0, chunk - 1), inside
+
+
 # --- per-chunk pieces of the MLX path (mx.compile fuses the elementwise work per chunk) ---
 
 @mx.compile
-def _lse_step(logits, local_t, m, s, tl):
-    """Fold one chunk [N, C] into the running max / rescaled sum / target logit."""
-    c = logits.shape[1]
-    m_new = mx.maximum(m, logits.max(axis=1))
-    # m starts at -inf: exp(-inf - finite) = 0, so the empty prefix contributes nothing.
-    s = s * mx.exp(m - m_new) + mx.exp(logits - m_new[:, None]).sum(axis=1)
-    inside = (local_t >= 0) & (local_t < c)
-    picked = mx.take_along_axis(logits, mx.clip(local_t, 0, c - 1)[:, None], axis=1)[:, 0]
-    return m_new, s, mx.where(inside, picked, tl)
+def _lse_step(logits, local_t, inside, run_lse, tl):
+    """Fold one chunk [N, C] into the running log-sum-exp and the target logit."""
+    # run_lse starts at -inf and logaddexp(-inf, x) = x. The chunk's own logsumexp
+    # shifts by its max, so logits of any magnitude stay finite.
+    run_lse = mx.logaddexp(run_lse, mx.logsumexp(logits, axis=1))
+    picked = mx.take_along_axis(logits, local_t[:, None], axis=1)[:, 0]
+    return run_lse, mx.where(inside, picked, tl)
 
 
 @mx.compile
@@ -101,11 +119,11 @@ def _dlogits(logits, local_t, lse, g_onehot, g_soft):
     return g_onehot[:, None] * onehot - g_soft[:, None] * mx.exp(logits - lse[:, None])
 
 
-def _after(x: mx.array, dep: mx.array, c0: int) -> mx.array:
-    """x, but not before dep is computed: keeps chunk c's matmul from running ahead.
+def _after(x: mx.array, dep, c0: int) -> mx.array:
+    """x, but scheduled after dep: chunk c's matmul may not run before chunk c-1 is folded.
 
-    Without it MLX's scheduler is free to run every chunk's matmul first (they do not
-    depend on each other), which would hold all chunks, i.e. the full logits, at once.
+    The chunks' matmuls do not depend on each other, so without this MLX may schedule
+    them all first, which holds every chunk (the full logits) at once.
     """
     return x if c0 == 0 else mx.depends(x, dep)
 
@@ -127,13 +145,12 @@ def _fused(chunk: int, backend: str, compute: mx.Dtype, head_grad: bool):
     def fused(h, w, t, m):
         n, vocab = h.shape[0], w.shape[0]
         hc = h.astype(compute)
-        run_m = mx.full((n,), -mx.inf, mx.float32)
-        run_s = mx.zeros((n,), mx.float32)
+        lse = mx.full((n,), -mx.inf, mx.float32)
         tgt = mx.zeros((n,), mx.float32)
-        for c0, c1 in _chunks(vocab, chunk):
-            logits = chunk_logits(_after(hc, [run_m, run_s, tgt], c0), w[c0:c1].astype(compute))
-            run_m, run_s, tgt = lse_step(logits, t - c0, run_m, run_s, tgt)
-        lse = run_m + mx.log(run_s)
+        local_t, inside = _local_targets(t, vocab, chunk)
+        for i, (c0, c1) in enumerate(_chunks(vocab, chunk)):
+            logits = chunk_logits(_after(hc, [lse, tgt], c0), w[c0:c1].astype(compute))
+            lse, tgt = lse_step(logits, local_t[i], inside[i], lse, tgt)
         logp = mx.where(m > 0, tgt - lse, mx.zeros_like(lse))
         # lse is a second output only so the backward pass can reuse it.
         return logp, lse
@@ -149,25 +166,29 @@ def _fused(chunk: int, backend: str, compute: mx.Dtype, head_grad: bool):
         g_onehot = g_logp.astype(mx.float32) * m
         g_soft = g_onehot - g_lse.astype(mx.float32)
 
-        def dz_chunk(h_dep, c0, c1):
+        local_t, inside = _local_targets(t, vocab, chunk)
+
+        def dz_chunk(h_dep, i, c0, c1):
             wc = w[c0:c1].astype(compute)
             logits = chunk_logits(h_dep, wc)
-            return wc, dlogits(logits, t - c0, lse, g_onehot, g_soft).astype(compute)
+            # `inside` zeroes the one-hot column for targets that fall in another chunk.
+            g_hot = mx.where(inside[i], g_onehot, 0.0)
+            return wc, dlogits(logits, local_t[i], lse, g_hot, g_soft).astype(compute)
 
         dh = mx.zeros(hc.shape, compute)
         dw_parts = []
-        for c0, c1 in _chunks(vocab, chunk):
+        for i, (c0, c1) in enumerate(_chunks(vocab, chunk)):
             deps = [dh, dw_parts[-1]] if head_grad and dw_parts else [dh]
-            wc, dz = dz_chunk(_after(hc, deps, c0), c0, c1)
+            wc, dz = dz_chunk(_after(hc, deps, c0), i, c0, c1)
             dh = dh + dz @ wc
             if head_grad:
                 dw_parts.append(dz.T @ hc)
         if not head_grad:
             # dW gets its own chain that recomputes the logits: if the caller never asks
             # for the head's gradient (frozen head, LoRA) lazy evaluation drops it whole.
-            for c0, c1 in _chunks(vocab, chunk):
+            for i, (c0, c1) in enumerate(_chunks(vocab, chunk)):
                 dep = dw_parts[-1] if dw_parts else None
-                _, dz = dz_chunk(hc if dep is None else mx.depends(hc, dep), c0, c1)
+                _, dz = dz_chunk(hc if dep is None else mx.depends(hc, dep), i, c0, c1)
                 dw_parts.append(dz.T @ hc)
         dw = dw_parts[0] if len(dw_parts) == 1 else mx.concatenate(dw_parts, axis=0)
         return dh.astype(h.dtype), dw.astype(w.dtype), mx.zeros_like(t), mx.zeros_like(m)

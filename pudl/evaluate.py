@@ -37,7 +37,7 @@ def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, ancho
     """Greedy replies to `prompts`, scored against their answers and (with a student) their anchors."""
     rows, by_family = [], defaultdict(list)
     for p in prompts:
-        reply = sampler.sample(p, k=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0)[0].text
+        reply = sampler.sample(p, k=1, temperature=0.0, max_tokens=max_tokens, seed=0)[0].text
         row = {"id": p.id, "reply": reply}
         if p.answer is not None:
             row["strict"], row["lenient"] = strict_match(reply, p.answer), lenient_match(reply, p.answer)

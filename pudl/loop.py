@@ -145,7 +145,6 @@ class Run:
     def sample(self, round_: int, prompts: list[Prompt], adapter: Path | None, fp: str):
         if self.stage(round_, "sample", fp):
             return
-        s = self.recipe.sample
         todo = [p for p in prompts if p.id not in self.cache.sampled_prompt_ids(round_)]
         sampler = self.sampler(adapter)
         try:
@@ -154,7 +153,7 @@ class Run:
                     self.cache.put_candidates(round_, candidates)
                     advance()
 
-                sampler.sample_all(todo, s.k, s.temperature, s.top_p, s.max_tokens, self.recipe.run.seed, round_, store)
+                sampler.sample_all(todo, self.recipe.sample, self.recipe.run.seed, round_, store)
         finally:
             sampler.close()
         self.cache.finish_stage(round_, "sample", fp)

@@ -63,7 +63,9 @@ class DataConfig:
 class SampleConfig:
     k: int = _f(4, "candidates sampled per prompt", min=1, max=256)
     temperature: float = _f(0.9, "sampling temperature", min=0.0, max=5.0)
-    top_p: float = _f(1.0, "nucleus sampling mass", min=0.01, max=1.0)
+    top_k: int = _f(40, "sample among the k most likely tokens (0: all); llama.cpp's default", min=0)
+    top_p: float = _f(0.95, "nucleus sampling mass; llama.cpp's default", min=0.01, max=1.0)
+    min_p: float = _f(0.05, "drop tokens below min_p x the top token's probability; llama.cpp's default", min=0.0, max=1.0)
     max_tokens: int = _f(48, "longest candidate", min=1, max=8192)
 
 

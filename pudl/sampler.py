@@ -34,19 +34,22 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum())
 
 
-def draw(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """One token from logits at `temperature` with nucleus `top_p` (greedy at temperature 0)."""
+def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_k: int = 0, top_p: float = 1.0,
+         min_p: float = 0.0) -> int:
+    """One token: greedy at temperature 0, else top-k, then top-p, then min-p (llama.cpp's order) at `temperature`."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    logp = log_softmax(logits / temperature)
-    probs = np.exp(logp)
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        keep = np.cumsum(probs[order]) - probs[order] < top_p
-        kept = order[keep]
-        p = probs[kept] / probs[kept].sum()
-        return int(kept[rng.choice(len(kept), p=p)])
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
+    if 0 < top_k < len(logits):
+        candidates = np.argpartition(-logits, top_k - 1)[:top_k]
+    else:
+        candidates = np.arange(len(logits))
+    candidates = candidates[np.argsort(-logits[candidates], kind="stable")]
+    probs = np.exp(log_softmax(logits[candidates] / temperature))
+    keep = np.cumsum(probs) - probs < top_p  # the smallest prefix whose mass reaches top_p
+    keep &= probs >= min_p * probs[0]
+    kept = candidates[keep]
+    p = probs[keep] / probs[keep].sum()
+    return int(kept[rng.choice(len(kept), p=p)])
 
 
 class Sampler:
@@ -69,8 +72,8 @@ class Sampler:
         """Logits after the last decoded token (llama.cpp keeps only those unless logits_all)."""
         return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
 
-    def sample(self, prompt: Prompt, k: int, temperature: float, top_p: float, max_tokens: int,
-               seed: int) -> list[Candidate]:
+    def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0) -> list[Candidate]:
         """K candidates for one prompt; the first decode of the prompt is shared by all of them."""
         context = self.tokenizer.chat_tokens(chat_messages(prompt))
         if len(context) + 1 >= self.n_ctx:
@@ -80,14 +83,16 @@ class Sampler:
         llm = self.llm
         llm.reset()
         llm.eval(context)
-        n_prompt = llm.n_tokens
+        n_prompt, prompt_logits = llm.n_tokens, self._last_logits()
         out = []
         for idx in range(k):
             llm.n_tokens = n_prompt  # rewind: the next eval overwrites the previous candidate's KV
             ids, logps, finish = [], [], "length"
-            for _ in range(max_tokens):
-                logits = self._last_logits()
-                token = draw(logits, temperature, top_p, rng)
+            logits = prompt_logits
+            for step in range(max_tokens):
+                if step:
+                    logits = self._last_logits()
+                token = draw(logits, temperature, rng, top_k, top_p, min_p)
                 ids.append(token)
                 logps.append(float(log_softmax(logits)[token]))
                 if token in self.eog:
@@ -99,12 +104,12 @@ class Sampler:
                                  np.array(ids, np.int32), np.array(logps, np.float32), finish))
         return out
 
-    def sample_all(self, prompts: list[Prompt], k: int, temperature: float, top_p: float, max_tokens: int,
-                   seed: int, round_: int, on_prompt: Callable[[Prompt, list[Candidate]], None]):
-        """Sample every prompt, handing each prompt's candidates to `on_prompt` (which stores them)."""
+    def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int,
+                   on_prompt: Callable[[Prompt, list[Candidate]], None]):
+        """Sample every prompt with the recipe's [sample] settings, handing each prompt's candidates to `on_prompt`."""
         for prompt in prompts:
-            on_prompt(prompt, self.sample(prompt, k, temperature, top_p, max_tokens,
-                                          prompt_seed(seed, round_, prompt.id)))
+            on_prompt(prompt, self.sample(prompt, cfg.k, cfg.temperature, cfg.max_tokens,
+                                          prompt_seed(seed, round_, prompt.id), cfg.top_k, cfg.top_p, cfg.min_p))
 
 
 def _end_of_generation_ids(llm, tokenizer) -> set[int]:
