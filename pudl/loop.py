@@ -19,7 +19,7 @@ import numpy as np
 from pudl import adapters
 from pudl.cache import ANCHOR_IDX, Cache, Pair, fingerprint
 from pudl.errors import TeacherError, UserError
-from pudl.evaluate import evaluate
+from pudl.evaluate import evaluate, ranker_agreement
 from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.pairs_data import dpo_batches, pair_sequences
@@ -243,7 +243,7 @@ def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
             raise UserError("no prompt has an anchor: the teacher failed for all of them")
         base_key = fingerprint(str(state.model_path), recipe.section_dict("lora"), recipe.run.seed)
         before = state.evaluate("before", None, base_key, anchors)
-        prev_fp, adapter = base_key, None
+        prev_fp, adapter, rounds = base_key, None, []
         for round_ in range(1, recipe.run.rounds + 1):
             fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"), [p.id for p in prompts])
             fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
@@ -253,9 +253,11 @@ def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
             state.score(round_, prompts, anchors, fp_score)
             pairs = state.make_pairs(round_, prompts, anchors, fp_pairs)
             adapter = state.train(round_, pairs, prompts, anchors, fp_train)
-            statuses = state.cache.group_statuses(round_)
-            rep.log("round", round=round_, pairs=len(pairs), groups=statuses,
-                    candidates=sum(len(c) for c in state.cache.candidates(round_).values()))
+            candidates = state.cache.candidates(round_)
+            agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in SCORERS})
+            rounds.append({"round": round_, "pairs": len(pairs), "groups": state.cache.group_statuses(round_),
+                           "candidates": sum(len(c) for c in candidates.values()), "ranker": agreement})
+            rep.log("round", **rounds[-1])
             prev_fp = fp_train
         shutil.copyfile(adapter, run_dir / "adapter.gguf.tmp")
         os.replace(run_dir / "adapter.gguf.tmp", run_dir / "adapter.gguf")
@@ -269,6 +271,7 @@ def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
             "cache": state.cache.counts(),
             "before": _brief(before),
             "after": _brief(after),
+            "per_round": rounds,
             "phase_seconds": {k: round(v, 2) for k, v in rep.phase_seconds.items()},
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "adapter": str(run_dir / "adapter.gguf"),

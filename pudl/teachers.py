@@ -196,21 +196,22 @@ class OpenAITeacher:
 
     def _http_error(self, e: urllib.error.HTTPError) -> NoReturn:
         try:
-            detail = e.read(300).decode("utf-8", "replace").strip()
+            detail = e.read(65536).decode("utf-8", "replace")
         except (OSError, http.client.HTTPException):
             detail = ""
-        detail = self._scrub(" ".join(detail.split()))[:200]
+        # Scrub before cutting to length, so no prefix of the key can survive the cut.
+        detail = " ".join(self._scrub(detail).split())[:200]
         reason = f"HTTP {e.code}" + (f": {detail}" if detail else "")
         if e.code in self.RETRY_STATUS:
             wait = _retry_after(e.headers.get("Retry-After"))
-            raise _Retry(reason, None if wait is None else min(wait, self.RETRY_AFTER_MAX_S))
+            raise _Retry(reason, None if wait is None else min(wait, self.RETRY_AFTER_MAX_S)) from None
         if e.code in (401, 403):
             # A rejected key fails every prompt alike: that is configuration, not this prompt's problem.
             source = f"the key from ${self._api_key_env}" if self._api_key_env else "the request (no api_key_env set)"
-            raise UserError(f"teacher {self.url} rejected {source} ({reason})")
+            raise UserError(f"teacher {self.url} rejected {source} ({reason})") from None
         if e.code == 404:
-            raise UserError(f"teacher {self.url}: not found ({reason}); check base_url and model")
-        raise TeacherError(f"teacher {self.url}: {reason}")
+            raise UserError(f"teacher {self.url}: not found ({reason}); check base_url and model") from None
+        raise TeacherError(f"teacher {self.url}: {reason}") from None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -244,11 +245,13 @@ class LlamaCppTeacher:
     def _model(self):
         if self._llm is None:
             try:
-                from llama_cpp import Llama
+                import llama_cpp  # noqa: F401
             except ImportError:
                 raise UserError("teacher 'llamacpp' needs llama-cpp-python: pip install llama-cpp-python") from None
+            from pudl.llamacpp import open_llama  # quiet, and without the AMX repacking that segfaults on some VMs
+
             try:
-                self._llm = Llama(model_path=str(self.path), n_ctx=2048, n_threads=2, verbose=False)
+                self._llm = open_llama(self.path, n_ctx=2048, n_threads=2)
             except (ValueError, RuntimeError) as e:
                 raise UserError(f"{self.path}: cannot load the teacher model ({e})") from None
         return self._llm

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("401", "403", "429", "500", "502", "503", "malformed", "empty", "slow", "cutoff", "redirect", "echo_auth")
+FAULTS = ("400", "401", "403", "429", "500", "502", "503", "malformed", "empty", "slow", "cutoff", "redirect", "echo_auth")
 
 
 def answer_for(text: str) -> str:
@@ -85,12 +85,15 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 {
                     "id": "chatcmpl-test",
                     "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                    ],
                 }
             ).encode()
 
         def do_GET(self) -> None:
-            server.requests.append({"method": "GET", "path": self.path, "authorization": self.headers.get("Authorization")})
+            auth = self.headers.get("Authorization")
+            server.requests.append({"method": "GET", "path": self.path, "authorization": auth})
             self._send(404, b'{"error": "not found"}')
 
         def do_POST(self) -> None:
@@ -118,7 +121,7 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(int(kind), b'{"error": "server error"}')
             if kind == "echo_auth":  # a careless server that echoes the credentials it was sent
                 return self._send(500, json.dumps({"error": f"bad auth {auth}"}).encode())
-            if kind in ("401", "403"):
+            if kind in ("400", "401", "403"):
                 return self._send(int(kind), json.dumps({"error": f"invalid key {auth}"}).encode())
             if kind == "malformed":
                 return self._send(200, b'{"choices": [{"message": ')

@@ -105,7 +105,8 @@ def test_existing_preload_is_kept_after_openblas():
 @needs_openblas
 def test_ensure_fast_blas_runs_the_given_argv():
     child = "import os; print('child', os.environ['PUDL_BLAS_REEXEC'], os.environ['LD_PRELOAD'])"
-    code = f"from pudl.hardware import ensure_fast_blas; ensure_fast_blas({[sys.executable, '-c', child]!r}); print('not replaced')"
+    argv = [sys.executable, "-c", child]
+    code = f"from pudl.hardware import ensure_fast_blas; ensure_fast_blas({argv!r}); print('not replaced')"
     assert run_python(["-c", code], clean_env()).split() == ["child", "1", openblas_path()]
 
 

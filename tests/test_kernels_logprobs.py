@@ -131,10 +131,12 @@ def test_reference_gradient_matches_finite_differences(rng):
     (1, 9, 12, 50, 4096),   # one chunk larger than the vocabulary
     (2, 4, 8, 17, 5),       # many small chunks, short last chunk
 ])
-def test_matches_reference(rng, b, t, h, v, chunk):
+@pytest.mark.parametrize("head_grad", [False, True])
+def test_matches_reference(rng, b, t, h, v, chunk, head_grad):
     hidden, weight, targets, mask, cot = make_case(rng, b, t, h, v, mask_p=0.3)
-    check_against_reference(hidden, weight, targets, mask, cot, chunk_size=chunk)
-    check_against_reference(hidden, weight, targets, None, cot, chunk_size=chunk)
+    kw = dict(chunk_size=chunk, head_grad=head_grad)
+    check_against_reference(hidden, weight, targets, mask, cot, **kw)
+    check_against_reference(hidden, weight, targets, None, cot, **kw)
 
 
 def test_naive_matches_reference(rng):
@@ -259,7 +261,10 @@ def test_fused_peak_memory_stays_below_full_logits(rng):
     full_logits = n * v * 4
 
     def extra_peak(fn, argnums, **kw):
-        grad = mx.grad(lambda hh, ww: fn(hh, ww, tgt, None, **kw).sum(), argnums=argnums)
+        if argnums is None:  # forward only
+            grad = lambda hh, ww: fn(hh, ww, tgt, None, **kw)  # noqa: E731
+        else:
+            grad = mx.grad(lambda hh, ww: fn(hh, ww, tgt, None, **kw).sum(), argnums=argnums)
         mx.eval(hidden, weight, tgt)
         mx.synchronize()
         base = mx.get_active_memory()
@@ -273,7 +278,7 @@ def test_fused_peak_memory_stays_below_full_logits(rng):
 
     naive = extra_peak(naive_token_logprobs, (0, 1))
     assert naive > full_logits          # the measurement does see a full logits array
-    for argnums in (0, (0, 1)):
+    for argnums in (None, 0, (0, 1)):
         for head_grad in (False, True):
             fused = extra_peak(token_logprobs, argnums, chunk_size=chunk, head_grad=head_grad)
             assert fused < full_logits / 2, (argnums, head_grad, fused, full_logits)

