@@ -1,4 +1,4 @@
-"""GPU versions of the per-chunk softmax work in token_logprobs (mx.fast.metal_kernel / cuda_kernel).
+"""GPU versions of token_logprobs' per-chunk softmax work (mx.fast.metal_kernel / cuda_kernel).
 
 The matmuls stay with MLX (its GEMMs are already tuned); these kernels replace the
 elementwise + reduction work on each [N, C] logits chunk:

@@ -28,15 +28,20 @@ def _valid(mask: mx.array) -> mx.array:
     return mx.stop_gradient(mask != 0)
 
 
-def _masked_log_softmax(x: mx.array, valid: mx.array) -> mx.array:
-    """log_softmax over the valid entries of the last axis; 0 at invalid entries and empty rows."""
+def _masked_log_softmax(x: mx.array, valid: mx.array, scale: float) -> mx.array:
+    """log_softmax(scale * x) over the valid entries of the last axis; 0 at invalid entries.
+
+    Shifts by the max before scaling: x - max is exact for nearby values, whereas
+    rounding scale * x first (x ~ 1e4) puts ~1e-3 absolute error on every logit, i.e.
+    ~1e-3 relative error on the probabilities.
+    """
     neg_inf = mx.array(-mx.inf, _F32)
     any_valid = valid.any(axis=-1, keepdims=True)
     # Invalid slots may hold anything (padding, NaN): every use goes through `where`.
     top = mx.where(any_valid, mx.where(valid, x, neg_inf).max(axis=-1, keepdims=True), 0.0)
-    e = mx.where(valid, mx.exp(x - top), 0.0)
-    lse = top + mx.log(e.sum(axis=-1, keepdims=True))
-    return mx.where(valid, x - lse, 0.0)
+    z = (x - top) * scale
+    lse = mx.log(mx.where(valid, mx.exp(z), 0.0).sum(axis=-1, keepdims=True))
+    return mx.where(valid, z - lse, 0.0)
 
 
 def _check_2d(name: str, *arrays: mx.array) -> None:
@@ -50,7 +55,7 @@ def _check_2d(name: str, *arrays: mx.array) -> None:
 
 def dpo_loss(chosen_logratio: mx.array, rejected_logratio: mx.array, beta: float,
              kind: str = "sigmoid", label_smoothing: float = 0.0) -> mx.array:
-    """Per-pair DPO loss [N] (sigmoid / ipo / hinge / robust) of m = chosen - rejected log-ratio."""
+    """Per-pair DPO loss [N] (sigmoid/ipo/hinge/robust) of the margin chosen - rejected."""
     if kind not in DPO_KINDS:
         raise ValueError(f"dpo_loss: kind must be one of {DPO_KINDS}, got {kind!r}")
     beta, eps = float(beta), float(label_smoothing)
@@ -103,11 +108,11 @@ def _dpo_fn(kind: str, beta: float, eps: float):
     return f
 
 
-# ------------------------------------------------------------------------- LDL (KL to a target distribution)
+# ------------------------------------------------------------------------- LDL (KL to a target)
 
 def ldl_loss(logratio: mx.array, scores: mx.array, mask: mx.array, beta: float,
              tau: float) -> mx.array:
-    """Per-prompt KL(q || p) [P], q = softmax(scores/tau), p = softmax(beta*logratio) over valid entries."""
+    """Per-prompt KL(q || p) [P], q = softmax(scores/tau), p = softmax(beta*logratio) on valid."""
     _check_2d("ldl_loss", logratio, scores, mask)
     beta, tau = float(beta), float(tau)
     if not (beta > 0 and tau > 0):
@@ -119,12 +124,12 @@ def ldl_loss(logratio: mx.array, scores: mx.array, mask: mx.array, beta: float,
 def _ldl_fn(beta: float, tau: float):
     def parts(logratio, scores, mask):
         valid = _valid(mask)
-        logp = _masked_log_softmax(beta * logratio, valid)
-        logq = _masked_log_softmax(scores / tau, valid)
+        logp = _masked_log_softmax(logratio, valid, beta)
+        logq = _masked_log_softmax(scores, valid, 1.0 / tau)
         q = mx.where(valid, mx.exp(logq), 0.0)
+        # A row with one valid entry has logp = logq = 0 exactly, an empty row q = 0:
+        # both give KL = 0 with no special case.
         kl = (q * (logq - logp)).sum(axis=-1)
-        # One valid entry gives exactly 0 already; say so for empty rows too.
-        kl = mx.where(valid.sum(axis=-1) > 1, kl, 0.0)
         return valid, logp, logq, q, kl
 
     @mx.custom_function
@@ -138,7 +143,12 @@ def _ldl_fn(beta: float, tau: float):
         g = cotangent[:, None]
         p = mx.where(valid, mx.exp(logp), 0.0)
         d_logratio = g * beta * (p - q)
-        d_scores = (g / tau) * q * (logq - logp - kl[:, None])
+        # dKL/dy_k = q_k (r_k - KL) with r = log q - log p and KL = sum_j q_j r_j. Written
+        # as q_k sum_j q_j (r_k - r_j): when q is nearly one-hot, r_k - KL cancels to 0 in
+        # float32 for the top entry while its true (tiny) value balances the others.
+        r = logq - logp
+        spread = (q[:, None, :] * (r[:, :, None] - r[:, None, :])).sum(axis=-1)
+        d_scores = (g / tau) * q * spread
         return d_logratio, d_scores, mx.zeros_like(mask)
 
     return f
@@ -147,7 +157,7 @@ def _ldl_fn(beta: float, tau: float):
 # ------------------------------------------------------------------------- ListMLE (Plackett-Luce)
 
 def listmle_loss(logratio: mx.array, scores: mx.array, mask: mx.array, beta: float) -> mx.array:
-    """Per-prompt Plackett-Luce NLL [P] of the scores' descending order (ties by index) under beta*logratio."""
+    """Plackett-Luce NLL [P] of the scores order (desc, ties by index) under beta*logratio."""
     _check_2d("listmle_loss", logratio, scores, mask)
     beta = float(beta)
     if not beta > 0:
@@ -174,14 +184,15 @@ def _listmle_fn(beta: float):
     def parts(logratio, scores, mask):
         valid = _valid(mask)
         pool = mx.stop_gradient(_listmle_pool(scores, valid))
-        x = beta * logratio
-        xj = mx.broadcast_to(x[:, None, :], pool.shape)
+        lr = mx.broadcast_to(logratio[:, None, :], pool.shape)  # [P, k, j] = logratio_j
         has = pool.any(axis=-1, keepdims=True)
-        top = mx.where(has, mx.where(pool, xj, -mx.inf).max(axis=-1, keepdims=True), 0.0)
-        denom = top[..., 0] + mx.log(mx.where(pool, mx.exp(xj - top), 0.0).sum(axis=-1))
-        denom = mx.where(valid, denom, 0.0)  # log-normaliser at item k's draw
-        nll = mx.where(valid, denom - x, 0.0).sum(axis=-1)
-        return valid, pool, xj, denom, nll
+        top = mx.where(has, mx.where(pool, lr, -mx.inf).max(axis=-1, keepdims=True), 0.0)
+        # Shift, then scale by beta (see _masked_log_softmax); z <= 0 on the pool.
+        z = (lr - top) * beta
+        lse = mx.log(mx.where(pool, mx.exp(z), 0.0).sum(axis=-1))
+        # Term of item k: log sum_{j in pool} e^{beta lr_j} - beta lr_k (>= 0).
+        term = mx.where(valid, (top[..., 0] - logratio) * beta + lse, 0.0)
+        return pool, z, lse, valid, term.sum(axis=-1)
 
     @mx.custom_function
     def f(logratio, scores, mask):
@@ -190,9 +201,9 @@ def _listmle_fn(beta: float):
     @f.vjp
     def f_vjp(primals, cotangent, output):
         logratio, scores, mask = primals
-        valid, pool, xj, denom, _ = parts(logratio, scores, mask)
-        # dNLL/dx_j = sum_k pool[k, j] * softmax_k(x)_j - valid_j
-        probs = mx.where(pool, mx.exp(xj - denom[:, :, None]), 0.0)
+        pool, z, lse, valid, _ = parts(logratio, scores, mask)
+        # dNLL/dx_j = sum_k [j in pool_k] softmax_{pool_k}(x)_j - valid_j,  x = beta*logratio
+        probs = mx.where(pool, mx.exp(z - lse[..., None]), 0.0)
         dx = probs.sum(axis=1) - valid.astype(_F32)
         return cotangent[:, None] * beta * dx, mx.zeros_like(scores), mx.zeros_like(mask)
 
@@ -203,10 +214,14 @@ def _listmle_fn(beta: float):
 
 def grpo_advantages(scores: mx.array, mask: mx.array, scale_by_std: bool = True,
                     eps: float = 1e-4) -> mx.array:
-    """Group-relative advantages [P, K]: (s - mean) / (std + eps) over valid entries, 0 elsewhere."""
+    """Group-relative advantages [P, K]: (s - mean) / (std + eps) over valid entries, else 0."""
     _check_2d("grpo_advantages", scores, mask)
     valid = mask != 0
-    s = mx.where(valid, scores.astype(_F32), 0.0)
+    s = scores.astype(_F32)
+    # Shift by a valid entry first: a group of equal scores then gives exactly 0 instead of
+    # rounding noise that the std division would blow up.
+    top = mx.where(valid, s, -mx.inf).max(axis=-1, keepdims=True)
+    s = mx.where(valid, s - mx.where(valid.any(axis=-1, keepdims=True), top, 0.0), 0.0)
     n = mx.maximum(valid.sum(axis=-1, keepdims=True), 1).astype(_F32)
     dev = mx.where(valid, s - s.sum(axis=-1, keepdims=True) / n, 0.0)
     if scale_by_std:
@@ -218,7 +233,7 @@ def grpo_advantages(scores: mx.array, mask: mx.array, scale_by_std: bool = True,
 def grpo_token_loss(logp: mx.array, old_logp: mx.array, ref_logp: mx.array,
                     advantages: mx.array, mask: mx.array, clip_eps: float, beta: float,
                     norm: str = "token") -> mx.array:
-    """Scalar GRPO loss: clipped-ratio surrogate + beta * k3 KL to the reference, token/sequence mean."""
+    """Scalar GRPO loss: clipped-ratio surrogate + beta * k3 KL to the reference, averaged."""
     _check_2d("grpo_token_loss", logp, old_logp, ref_logp, mask)
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"grpo_token_loss: advantages {advantages.shape} must be "
@@ -247,16 +262,18 @@ def _grpo_fn(clip_eps: float, beta: float, norm: str):
             weight = w / (mx.maximum(per_seq, 1.0) * n_seq)
         a = adv[:, None]
         ratio = mx.exp(logp - old)
-        # A = 0 with an overflowed ratio would give inf * 0; the product is 0 there.
-        unclipped_obj = mx.where(a == 0, 0.0, ratio * a)
+        unclipped_obj = ratio * a  # inf * 0 = NaN at A = 0 is never selected below
         clipped_ratio = mx.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
         clipped_obj = clipped_ratio * a
-        take_unclipped = unclipped_obj <= clipped_obj  # min(u, v); at u == v the slope is A
+        # min(u, v). Inside the clip range u == v and the slope is A (unclipped branch);
+        # at A == 0 take the clipped branch, whose ratio stays finite for d/dA.
+        take_unclipped = (unclipped_obj <= clipped_obj) & (a != 0)
         surrogate = mx.where(take_unclipped, unclipped_obj, clipped_obj)
         ref_gap = ref - logp
         e_gap = mx.exp(ref_gap)
-        k3 = e_gap - ref_gap - 1.0
-        per_token = mx.where(valid, beta * k3 - surrogate, 0.0)
+        # beta = 0 (no KL term) must not touch ref_logp at all: 0 * inf would be NaN.
+        kl = beta * (e_gap - ref_gap - 1.0) if beta else 0.0
+        per_token = mx.where(valid, kl - surrogate, 0.0)
         return (valid, weight, ratio, unclipped_obj, clipped_ratio, take_unclipped, e_gap,
                 (weight * per_token).sum())
 
@@ -271,9 +288,10 @@ def _grpo_fn(clip_eps: float, beta: float, norm: str):
         gw = cotangent * weight
         # d surrogate / d logp = A * ratio on the unclipped branch (= u), 0 on the clipped one.
         ds = mx.where(take_u, u, 0.0)
-        d_logp = mx.where(valid, gw * (beta * (1.0 - e_gap) - ds), 0.0)
+        d_kl = beta * (e_gap - 1.0) if beta else mx.zeros_like(e_gap)  # d k3 / d ref
+        d_logp = mx.where(valid, gw * (-d_kl - ds), 0.0)
         d_old = mx.where(valid, gw * ds, 0.0)
-        d_ref = mx.where(valid, gw * beta * (e_gap - 1.0), 0.0)
+        d_ref = mx.where(valid, gw * d_kl, 0.0)
         d_adv = -mx.where(valid, gw * mx.where(take_u, ratio, clipped_ratio), 0.0).sum(axis=1)
         return d_logp, d_old, d_ref, d_adv, mx.zeros_like(mask)
 

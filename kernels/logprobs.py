@@ -43,7 +43,7 @@ def naive_token_logprobs(hidden: mx.array, weight: mx.array, targets: mx.array,
 def token_logprobs(hidden: mx.array, weight: mx.array, targets: mx.array,
                    mask: mx.array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    backend: str = "auto", head_grad: bool = False) -> mx.array:
-    """log p(targets) per position, [*lead] float32, from hidden [*lead, H] and head weight [V, H]."""
+    """log p(targets) [*lead] float32 from hidden [*lead, H] and the LM head weight [V, H]."""
     if hidden.ndim < 1 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: hidden {hidden.shape} and weight {weight.shape} "
                          "must be [..., H] and [V, H]")
@@ -87,16 +87,17 @@ def _chunks(vocab: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def _local_targets(t: mx.array, vocab: int, chunk: int) -> tuple[mx.array, mx.array]:
-    """Per chunk [n_chunks, N]: target column inside the chunk (clipped) and whether it is there.
+    """Target column in its own chunk [N], and per chunk whether the target is in it [n_chunks, N].
 
-    Computed once for all chunks: under mx.compile, per-chunk `t - c0` would bake each
-    c0 into its own JIT-compiled CPU kernel.
+    No per-chunk constants: under mx.compile each distinct constant (a chunk offset, say)
+    gets its own JIT-compiled CPU kernel, which costs seconds on a cold cache.
     """
     # Padding positions may carry ids like -100; clipping keeps every gather in bounds.
     t = mx.clip(t, 0, vocab - 1)
-    local = t[None, :] - mx.arange(0, vocab, chunk, dtype=mx.int32)[:, None]
-    inside = (local >= 0) & (local < chunk)
-    return mx.clip(local, 0, chunk - 1), inside
+    block = t // chunk
+    n_chunks = -(-vocab // chunk)
+    inside = block[None, :] == mx.arange(n_chunks, dtype=block.dtype)[:, None]
+    return t - block * chunk, inside
 
 
 # --- per-chunk pieces of the MLX path (mx.compile fuses the elementwise work per chunk) ---
@@ -150,7 +151,9 @@ def _fused(chunk: int, backend: str, compute: mx.Dtype, head_grad: bool):
         local_t, inside = _local_targets(t, vocab, chunk)
         for i, (c0, c1) in enumerate(_chunks(vocab, chunk)):
             logits = chunk_logits(_after(hc, [lse, tgt], c0), w[c0:c1].astype(compute))
-            lse, tgt = lse_step(logits, local_t[i], inside[i], lse, tgt)
+            # A short last chunk: keep the (discarded) gather of other chunks' targets in bounds.
+            lt = local_t if c1 - c0 == chunk else mx.minimum(local_t, c1 - c0 - 1)
+            lse, tgt = lse_step(logits, lt, inside[i], lse, tgt)
         logp = mx.where(m > 0, tgt - lse, mx.zeros_like(lse))
         # lse is a second output only so the backward pass can reuse it.
         return logp, lse
@@ -173,7 +176,7 @@ def _fused(chunk: int, backend: str, compute: mx.Dtype, head_grad: bool):
             logits = chunk_logits(h_dep, wc)
             # `inside` zeroes the one-hot column for targets that fall in another chunk.
             g_hot = mx.where(inside[i], g_onehot, 0.0)
-            return wc, dlogits(logits, local_t[i], lse, g_hot, g_soft).astype(compute)
+            return wc, dlogits(logits, local_t, lse, g_hot, g_soft).astype(compute)
 
         dh = mx.zeros(hc.shape, compute)
         dw_parts = []

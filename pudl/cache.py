@@ -44,14 +44,19 @@ CREATE TABLE IF NOT EXISTS pairs (
   chosen_idx INTEGER NOT NULL, rejected_idx INTEGER NOT NULL, margin REAL,
   ref_chosen REAL, ref_rejected REAL,
   PRIMARY KEY (round, prompt_id, kind));
+CREATE TABLE IF NOT EXISTS references_ (
+  round INTEGER NOT NULL, prompt_id TEXT NOT NULL, idx INTEGER NOT NULL, token_logps BLOB NOT NULL,
+  PRIMARY KEY (round, prompt_id, idx));
 CREATE TABLE IF NOT EXISTS stages (
   round INTEGER NOT NULL, stage TEXT NOT NULL, fingerprint TEXT NOT NULL, finished REAL NOT NULL,
   PRIMARY KEY (round, stage));
 """
 
 ANCHOR_IDX = -1  # chosen_idx of a pair whose chosen side is the anchor
-STAGES = ("sample", "score", "pairs", "train")
-STAGE_TABLES = {"sample": ("candidates",), "score": ("scores", "groups"), "pairs": ("pairs",), "train": ()}
+STAGES = ("sample", "score", "prefs", "train")
+STAGE_TABLES = {"sample": ("candidates",), "score": ("scores", "groups"), "prefs": ("pairs", "references_"),
+                "train": ()}
+ROUND_TABLES = ("candidates", "scores", "groups", "pairs", "references_", "stages")
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class Cache:
                 for table in STAGE_TABLES[s]:
                     self.db.execute(f"DELETE FROM {table} WHERE round=?", (round_,))  # noqa: S608 (fixed names)
                 self.db.execute("DELETE FROM stages WHERE round=? AND stage=?", (round_, s))
-            for table in ("candidates", "scores", "groups", "pairs", "stages"):
+            for table in ROUND_TABLES:
                 self.db.execute(f"DELETE FROM {table} WHERE round>?", (round_,))  # noqa: S608
 
     # candidates ----------------------------------------------------------------------------------
@@ -182,21 +187,30 @@ class Cache:
         return {r[0] for r in self.db.execute("SELECT DISTINCT prompt_id FROM candidates WHERE round=?", (round_,))}
 
     # scores --------------------------------------------------------------------------------------
-    def put_scores(self, round_: int, prompt_id: str, scorer: str, scores: list[float], ranks: list[int], status: str):
+    def put_scores(self, round_: int, prompt_id: str, scorer: str, scores: list[float], ranks: list[int], status: str,
+                   anchor_score: float | None = None):
+        """One prompt's candidate scores and ranks (rank 0 = best), its group status, and the anchor's own score."""
+        rows = [(round_, prompt_id, i, scorer, float(s), int(r)) for i, (s, r) in enumerate(zip(scores, ranks))]
+        if anchor_score is not None:
+            rows.append((round_, prompt_id, ANCHOR_IDX, scorer, float(anchor_score), -1))
         with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
-                [(round_, prompt_id, i, scorer, float(s), int(r)) for i, (s, r) in enumerate(zip(scores, ranks))],
-            )
+            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)", rows)
             self.db.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?)", (round_, prompt_id, status))
 
     def scores(self, round_: int, scorer: str) -> dict[str, list[float]]:
+        """Candidate scores per prompt, in candidate order (the anchor's is in `anchor_scores`)."""
         out: dict[str, list[float]] = {}
         for pid, s in self.db.execute(
-            "SELECT prompt_id, score FROM scores WHERE round=? AND scorer=? ORDER BY prompt_id, idx", (round_, scorer)
+            "SELECT prompt_id, score FROM scores WHERE round=? AND scorer=? AND idx>=0 ORDER BY prompt_id, idx",
+            (round_, scorer),
         ):
             out.setdefault(pid, []).append(s)
         return out
+
+    def anchor_scores(self, round_: int, scorer: str) -> dict[str, float]:
+        rows = self.db.execute("SELECT prompt_id, score FROM scores WHERE round=? AND scorer=? AND idx=?",
+                               (round_, scorer, ANCHOR_IDX))
+        return dict(rows)
 
     def scored_prompt_ids(self, round_: int, scorer: str) -> set[str]:
         rows = self.db.execute("SELECT DISTINCT prompt_id FROM scores WHERE round=? AND scorer=?", (round_, scorer))
@@ -221,9 +235,21 @@ class Cache:
             "WHERE round=? ORDER BY prompt_id, kind", (round_,))
         return [Pair(*r) for r in rows]
 
+    # reference log-probs (adapter disabled), per completion token; idx ANCHOR_IDX = the anchor ----------
+    def put_references(self, round_: int, rows: list[tuple[str, int, np.ndarray]]):
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO references_ VALUES (?, ?, ?, ?)",
+                [(round_, pid, idx, np.asarray(t, np.float32).tobytes()) for pid, idx, t in rows],
+            )
+
+    def references(self, round_: int) -> dict[tuple[str, int], np.ndarray]:
+        rows = self.db.execute("SELECT prompt_id, idx, token_logps FROM references_ WHERE round=?", (round_,))
+        return {(pid, idx): np.frombuffer(blob, np.float32) for pid, idx, blob in rows}
+
     # summaries -----------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        tables = ("prompts", "anchors", "teacher_failures", "candidates", "scores", "pairs")
+        tables = ("prompts", "anchors", "teacher_failures", "candidates", "scores", "pairs", "references_")
         return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}  # noqa: S608
 
 

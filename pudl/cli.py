@@ -150,6 +150,34 @@ def doctor(as_json):
         console.print(f"[bold]{key:<20}[/] {value}", highlight=False)
 
 
+BENCHES = ("kernels",)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(BENCHES))
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON object on the last line.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON result to this file.")
+@click.option("--tiny", is_flag=True, help="A seconds-long smoke size (what the test suite runs).")
+@user_errors
+def bench(name, as_json, out, tiny):
+    """Run benchmark NAME: pudl side by side with its peers in one run, as ratios.
+
+    Figures depend on the machine; compare ratios measured in the same run.
+    """
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(f"pudl.bench.{name}")
+    result = module.run(tiny=tiny)
+    result["command"] = "pudl bench " + name + (" --tiny" if tiny else "")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    for line in module.lines(result):
+        click.echo(line, err=as_json)
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+
+
 def entry():
     """Console-script entry: fix BLAS first (may re-exec), then run the click group."""
     from pudl.hardware import ensure_fast_blas

@@ -17,18 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from pudl import adapters
-from pudl.cache import ANCHOR_IDX, Cache, Pair, fingerprint
+from pudl.cache import Cache, Pair, fingerprint
 from pudl.errors import TeacherError, UserError
 from pudl.evaluate import evaluate, ranker_agreement
 from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student, resolve_model_path
-from pudl.pairs_data import dpo_batches, pair_sequences
-from pudl.prompts import Prompt, chat_messages, load_prompts
+from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references
+from pudl.prompts import Prompt, load_prompts
 from pudl.recipe import SCORERS, Recipe
 from pudl.report import Reporter, write_json
 from pudl.sampler import Sampler
 from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
-from pudl.sequences import sequence_logprobs
+from pudl.sequences import completion_logprobs
 from pudl.teachers import make_teacher
 from pudl.train import train
 
@@ -173,44 +173,58 @@ class Run:
                     for scorer in SCORERS:
                         values = scores.by(scorer)
                         status = group_status(values, cands, min_gap)
-                        self.cache.put_scores(round_, p.id, scorer, list(values), list(rank(values)), status)
+                        self.cache.put_scores(round_, p.id, scorer, list(values), list(rank(values)), status,
+                                              anchor_score=scores.anchor_by(scorer))
                     advance()
         self.cache.finish_stage(round_, "score", fp)
 
-    def make_pairs(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str) -> list[Pair]:
-        if self.stage(round_, "pairs", fp):
-            return self.cache.pairs(round_)
-        r = self.recipe.rank
+    def preferences(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
+        """Pairs (dpo) or groups (listwise) from the ranking, with reference log-probs computed once and cached."""
+        r, t = self.recipe.rank, self.recipe.train
         candidates = self.cache.candidates(round_)
         scores = self.cache.scores(round_, r.scorer)
+        groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer),
+                             include_anchor=t.include_anchor and t.algo != "grpo")  # the anchor was never sampled
+        comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
+        if self.stage(round_, "prefs", fp):
+            return self.cache.pairs(round_), groups, comp
         pairs = []
         for p in prompts:
             if p.id in scores:
                 pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs, r.min_gap)
-        sequences = pair_sequences(pairs, {p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
-        with self.rep.phase("reference", len(pairs), round_) as advance:
-            ref, _ = sequence_logprobs(self.student, [s for pair in sequences for s in pair], adapter=False)
-            advance(len(pairs))
-        pairs = [Pair(p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin, float(ref[2 * i]), float(ref[2 * i + 1]))
-                 for i, p in enumerate(pairs)]
-        self.cache.put_pairs(round_, pairs)
-        self.cache.finish_stage(round_, "pairs", fp)
-        return pairs
+        keys = needed_references(t.algo, pairs, groups)
+        with self.rep.phase("reference", len(keys), round_) as advance:
+            tokens = completion_logprobs(self.student, [comp.sequence(*k) for k in keys], adapter=False)
+            advance(len(keys))
+        refs = dict(zip(keys, tokens))
+        self.cache.put_references(round_, [(pid, idx, refs[(pid, idx)]) for pid, idx in keys])
+        if t.algo == "dpo":
+            pairs = [Pair(p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin,
+                          float(refs[(p.prompt_id, p.chosen_idx)].sum()), float(refs[(p.prompt_id, p.rejected_idx)].sum()))
+                     for p in pairs]
+            self.cache.put_pairs(round_, pairs)
+        self.cache.finish_stage(round_, "prefs", fp)
+        return pairs, groups, comp
 
-    def train(self, round_: int, pairs: list[Pair], prompts: list[Prompt], anchors: dict[str, str], fp: str) -> Path:
+    def train(self, round_: int, pairs: list[Pair], groups: list[Group], comp: Completions, fp: str) -> Path:
         round_dir = self.run_dir / f"round-{round_}"
         adapter_path = round_dir / "adapter.safetensors"
         if self.stage(round_, "train", fp) and adapter_path.exists():
             adapters.load_adapter(self.student, adapter_path)
             return round_dir / "adapter.gguf"
         t = self.recipe.train
-        candidates = self.cache.candidates(round_)
-        batches, skipped = dpo_batches(pairs, {p.id: p for p in prompts}, anchors, candidates, self.tokenizer, t,
-                                       seed=self.recipe.run.seed + round_)
+        refs = self.cache.references(round_)
+        seed = self.recipe.run.seed + round_
+        if t.algo == "dpo":
+            batches, skipped = dpo_batches(pairs, refs, comp, t, seed)
+        else:
+            batches, skipped = group_batches(groups, refs, comp, t, seed)
+        unit = "pair" if t.algo == "dpo" else "group"
         if skipped:
-            self.rep.say(f"round {round_}: {skipped} pair(s) longer than train.max_seq_len={t.max_seq_len} skipped")
+            self.rep.say(f"round {round_}: {skipped} {unit}(s) longer than train.max_seq_len={t.max_seq_len} skipped")
         if not batches:
-            raise UserError(f"round {round_}: no preference pairs to train on (see rank.pairs and the group statuses)")
+            raise UserError(f"round {round_}: nothing to train on: no {unit} survived ranking "
+                            "(see rank.pairs, sample.k and the group statuses in metrics.jsonl)")
         with self.rep.phase("train", len(batches), round_) as advance:
             def on_step(step, row):
                 self.rep.log("step", round=round_, **row)
@@ -247,15 +261,16 @@ def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
         for round_ in range(1, recipe.run.rounds + 1):
             fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"), [p.id for p in prompts])
             fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
-            fp_pairs = fingerprint(fp_score, recipe.section_dict("rank"))
-            fp_train = fingerprint(fp_pairs, recipe.section_dict("train", "lora"))
+            fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo)
+            fp_train = fingerprint(fp_prefs, recipe.section_dict("train", "lora"))
             state.sample(round_, prompts, adapter, fp_sample)
             state.score(round_, prompts, anchors, fp_score)
-            pairs = state.make_pairs(round_, prompts, anchors, fp_pairs)
-            adapter = state.train(round_, pairs, prompts, anchors, fp_train)
+            pairs, groups, comp = state.preferences(round_, prompts, anchors, fp_prefs)
+            adapter = state.train(round_, pairs, groups, comp, fp_train)
             candidates = state.cache.candidates(round_)
             agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in SCORERS})
-            rounds.append({"round": round_, "pairs": len(pairs), "groups": state.cache.group_statuses(round_),
+            rounds.append({"round": round_, "pairs": len(pairs), "groups": len(groups),
+                           "group_status": state.cache.group_statuses(round_),
                            "candidates": sum(len(c) for c in candidates.values()), "ranker": agreement})
             rep.log("round", **rounds[-1])
             prev_fp = fp_train

@@ -18,8 +18,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TEACHER_BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
 SCORERS = ("anchor-likelihood", "anchor-gain")
 PAIR_MODES = ("best-vs-worst", "anchor-vs-worst", "both")
-ALGOS = ("dpo",)
-DPO_LOSSES = ("sigmoid",)
+ALGOS = ("dpo", "grpo", "ldl", "listmle")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+NORMS = ("token", "sequence")
 
 
 def _f(default, help: str, **checks):
@@ -78,12 +79,20 @@ class RankConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algo: str = _f("dpo", "training objective", choices=ALGOS)
-    loss: str = _f("sigmoid", "DPO loss variant", choices=DPO_LOSSES)
-    beta: float = _f(0.1, "DPO temperature (strength of the pull away from the reference)", min=1e-6, max=100.0)
+    algo: str = _f("dpo", "objective: pairwise dpo, or listwise grpo / ldl / listmle over the K candidates",
+                   choices=ALGOS)
+    loss: str = _f("sigmoid", "dpo: loss variant", choices=DPO_LOSSES)
+    label_smoothing: float = _f(0.0, "dpo sigmoid/robust: assumed fraction of flipped preferences", min=0.0, max=0.49)
+    beta: float = _f(0.1, "dpo/ldl/listmle: scale of the policy/reference log-ratio; grpo: KL coefficient",
+                     min=0.0, max=100.0)
+    tau: float = _f(0.25, "ldl: temperature of the target softmax over self-rank scores", min=1e-6, max=100.0)
+    clip_eps: float = _f(0.2, "grpo: importance-ratio clip range", min=0.0, max=0.99)
+    scale_by_std: bool = _f(True, "grpo: divide group-relative advantages by the group's std")
+    norm: str = _f("token", "grpo: average over all tokens, or per sequence then over sequences", choices=NORMS)
+    include_anchor: bool = _f(True, "ldl/listmle: the anchor joins each group as the labelled positive")
     learning_rate: float = _f(1e-4, "AdamW learning rate", min=0.0, max=1.0)
-    epochs: int = _f(2, "passes over each round's pairs", min=1, max=1000)
-    batch_size: int = _f(4, "pairs per optimizer step", min=1, max=4096)
+    epochs: int = _f(2, "passes over each round's pairs or groups", min=1, max=1000)
+    batch_size: int = _f(4, "pairs (dpo) or prompt groups (listwise) per optimizer step", min=1, max=4096)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0, max=1.0)
     max_seq_len: int = _f(256, "longest prompt + completion trained on (longer pairs are skipped)", min=8)
 
@@ -129,7 +138,7 @@ def _check_value(key: str, value, f: dataclasses.Field):
     if want is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{key}: expected a list of strings, got {value!r}")
-    elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+    elif not isinstance(value, want) or (want in (int, float) and isinstance(value, bool)):
         raise UserError(f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
     meta = f.metadata
     values = value if isinstance(value, list) else [value]

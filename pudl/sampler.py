@@ -1,25 +1,35 @@
 """K candidates per prompt from the student GGUF through llama.cpp, with the current LoRA applied.
 
-The prompt is decoded once; each candidate then reuses its KV cache (llama.cpp drops the stale tail when
-we rewind `n_tokens`). Sampling is done here in NumPy from llama.cpp's logits, so every candidate keeps
-its exact token ids and the policy's per-token log-probs (temperature 1, before top-p: the quantity the
-MLX trainer computes for the same tokens), and the draw is seeded per (seed, round, prompt) so a resumed
-run samples the same candidates.
+`Sampler` (batched, the default) drives llama.cpp's low-level API: each prompt is decoded once into one
+sequence of a unified KV cache and copied to its K sequences (`llama_memory_seq_cp` shares the cells, no
+recompute), and every live sequence of several prompts advances by one token in one `llama_decode` per step;
+new prompts join as soon as KV cells and sequence ids are free. `SequentialSampler` is the simple one-candidate-
+at-a-time fallback on the high-level `Llama` object.
+
+Both sample in NumPy from llama.cpp's logits, so every candidate keeps its exact token ids and the policy's
+per-token log-probs (temperature 1, before truncation: the quantity the MLX trainer computes for the same
+tokens). Candidate `idx` of a prompt draws from its own RNG stream, seeded by (seed, round, prompt id, idx):
+a resumed run samples the same candidates, and both samplers agree whatever the batching.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pudl.cache import Candidate
 from pudl.errors import UserError
-from pudl.llamacpp import open_llama
+from pudl.llamacpp import _without_extra_buffers, open_llama, quiet_stderr
 from pudl.prompts import Prompt, chat_messages
+
+DEFAULT_SEQUENCES = 32  # live sequences per decode step: past ~32 a 2-core CPU gains little and KV grows
 
 
 def prompt_seed(seed: int, round_: int, prompt_id: str) -> int:
@@ -28,10 +38,16 @@ def prompt_seed(seed: int, round_: int, prompt_id: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def candidate_rng(seed: int, idx: int) -> np.random.Generator:
+    """Candidate `idx`'s own RNG stream under a prompt's seed (so batching never changes what it draws)."""
+    return np.random.default_rng([seed, idx])
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities along the last axis, in float64."""
     z = logits.astype(np.float64)
-    z = z - z.max()
-    return z - np.log(np.exp(z).sum())
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_k: int = 0, top_p: float = 1.0,
@@ -52,8 +68,268 @@ def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_k
     return int(kept[rng.choice(len(kept), p=p)])
 
 
+def _chat_context(tokenizer, prompt: Prompt, n_ctx: int) -> list[int]:
+    context = tokenizer.chat_tokens(chat_messages(prompt))
+    if len(context) + 1 >= n_ctx:
+        raise UserError(f"prompt {prompt.id!r}: {len(context)} tokens do not fit student.n_ctx={n_ctx}")
+    return context
+
+
+def _candidate(tokenizer, prompt_id: str, idx: int, ids: list[int], logps: list[float], finish: str) -> Candidate:
+    text_ids = ids[:-1] if finish == "stop" else ids  # the end-of-turn token is kept in ids, not in the text
+    return Candidate(prompt_id, idx, tokenizer.decode(text_ids), np.array(ids, np.int32),
+                     np.array(logps, np.float32), finish)
+
+
+def _end_of_generation_ids(model, tokenizer) -> set[int]:
+    """Tokens that end a reply: EOS plus every token llama.cpp classes as end-of-generation."""
+    import llama_cpp
+
+    ids = {tokenizer.eos_id}
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if llama_cpp.llama_vocab_is_eog(vocab, t):
+            ids.add(t)
+    return ids
+
+
+def _sample_all(sampler, prompts: list[Prompt], cfg, seed: int, round_: int,
+                on_prompt: Callable[[Prompt, list[Candidate]], None]):
+    sampler.generate([(p, prompt_seed(seed, round_, p.id)) for p in prompts], cfg.k, cfg.temperature,
+                     cfg.max_tokens, cfg.top_k, cfg.top_p, cfg.min_p, on_prompt)
+
+
+class _Batch:
+    """A `llama_batch` over NumPy buffers, so filling it is slice assignment rather than a ctypes call per token."""
+
+    def __init__(self, capacity: int):
+        import llama_cpp
+
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.seq = np.zeros(capacity, np.int32)
+        self.logits = np.zeros(capacity, np.int8)
+        self.n_seq_id = np.ones(capacity, np.int32)  # every token belongs to one sequence
+        ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (ptr * capacity)(*(ctypes.cast(base + 4 * i, ptr) for i in range(capacity)))
+        self.n = 0
+
+    def add(self, tokens, pos0: int, seq_id: int, logits_last: bool):
+        n = len(tokens)
+        s = slice(self.n, self.n + n)
+        self.token[s], self.pos[s], self.seq[s], self.logits[s] = tokens, np.arange(pos0, pos0 + n), seq_id, 0
+        self.logits[self.n + n - 1] = logits_last
+        self.n += n
+
+    def struct(self):
+        import llama_cpp
+
+        def p(a, ctype):
+            return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+        return llama_cpp.llama_batch(self.n, p(self.token, ctypes.c_int32), None, p(self.pos, ctypes.c_int32),
+                                     p(self.n_seq_id, ctypes.c_int32), self._seq_ptrs, p(self.logits, ctypes.c_int8))
+
+
+@dataclass
+class _Group:
+    """One prompt in flight: its K sequence ids, finished candidates and reserved KV cells."""
+
+    prompt: Prompt
+    seed: int
+    context: list[int]
+    max_new: int
+    seq_ids: list[int]
+    cells: int
+    done: list = field(default_factory=list)
+
+
+@dataclass
+class _Seq:
+    group: _Group
+    idx: int
+    seq_id: int
+    rng: np.random.Generator
+    ids: list = field(default_factory=list)
+    logps: list = field(default_factory=list)
+
+
 class Sampler:
-    """llama.cpp on the student GGUF (+ optional GGUF LoRA): candidates with token ids and log-probs."""
+    """Batched llama.cpp sampling on the student GGUF (+ optional GGUF LoRA): K candidates per prompt, many prompts at once.
+
+    `n_ctx` bounds one sequence (prompt + reply), as for `SequentialSampler`. The KV cache is sized per call
+    of `generate` for about `sequences` live sequences: ceil(sequences / K) prompts' worst cases (longest
+    prompt + K x max_tokens cells); a waiting prompt joins the batch as soon as its worst case fits.
+    """
+
+    def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,
+                 threads: int = 0, sequences: int = DEFAULT_SEQUENCES):
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        self.tokenizer, self.n_ctx, self.sequences = tokenizer, n_ctx, sequences
+        self.threads = threads or os.cpu_count()
+        self.model = self.ctx = self.adapter = None
+        self.n_seq = self.kv_cells = 0
+        # llama_cpp.llama_cpp's default params are the ones pudl.llamacpp patches (no AMX repacking: it segfaults).
+        with _without_extra_buffers(), quiet_stderr():
+            params = llama_cpp.llama_cpp.llama_model_default_params()
+            self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
+        if not self.model:
+            raise UserError(f"student.model: llama.cpp cannot load {gguf_path}")
+        if adapter_path is not None:
+            with quiet_stderr():
+                self.adapter = llama_cpp.llama_adapter_lora_init(self.model, str(adapter_path).encode())
+            if not self.adapter:
+                self.close()
+                raise UserError(f"llama.cpp cannot load the LoRA adapter {adapter_path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.eog = _end_of_generation_ids(self.model, tokenizer)
+
+    def _context(self, n_seq: int, kv_cells: int):
+        """A context with at least `n_seq` sequences and `kv_cells` cells (the previous one when it is big enough)."""
+        import llama_cpp
+
+        if self.ctx and n_seq <= self.n_seq and kv_cells <= self.kv_cells:
+            llama_cpp.llama_memory_clear(self.memory, False)
+            return
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = kv_cells
+        params.n_batch = self.n_ctx + n_seq  # room for one whole prompt next to every live sequence's step
+        params.n_ubatch = min(512, params.n_batch)
+        params.n_seq_max = n_seq
+        params.kv_unified = True  # one cell pool: a prompt's K sequences share its cells
+        params.flash_attn_type = int(os.environ.get("FA", "-1"))
+        params.n_threads = params.n_threads_batch = self.threads
+        with quiet_stderr():
+            self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise UserError(f"llama.cpp could not create a context of {kv_cells} KV cells x {n_seq} sequences")
+        if self.adapter:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
+                raise UserError("llama.cpp cannot apply the LoRA adapter")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_seq, self.kv_cells = n_seq, llama_cpp.llama_n_ctx(self.ctx)
+        self.batch = _Batch(params.n_batch)
+
+    def close(self):
+        """Free the context, adapter and model (idempotent)."""
+        import llama_cpp
+
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+        if self.adapter:
+            llama_cpp.llama_adapter_lora_free(self.adapter)
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+        self.model = self.ctx = self.adapter = None
+
+    def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0) -> list[Candidate]:
+        """K candidates for one prompt (seeded by `seed`); the prompt is decoded once and shared by all of them."""
+        out = []
+        self.generate([(prompt, seed)], k, temperature, max_tokens, top_k, top_p, min_p,
+                      lambda p, cands: out.extend(cands))
+        return out
+
+    def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int,
+                   on_prompt: Callable[[Prompt, list[Candidate]], None]):
+        """Sample every prompt with the recipe's [sample] settings; `on_prompt` gets each prompt's K candidates
+        as soon as they are all finished."""
+        _sample_all(self, prompts, cfg, seed, round_, on_prompt)
+
+    def generate(self, jobs: list[tuple[Prompt, int]], k: int, temperature: float, max_tokens: int, top_k: int,
+                 top_p: float, min_p: float, on_prompt: Callable[[Prompt, list[Candidate]], None]):
+        """Sample K candidates for each (prompt, seed), many prompts per decode; `on_prompt` as each prompt ends."""
+        import llama_cpp
+
+        if not jobs:
+            return
+        groups = deque()
+        for prompt, seed in jobs:
+            context = _chat_context(self.tokenizer, prompt, self.n_ctx)
+            max_new = min(max_tokens, self.n_ctx - len(context))
+            groups.append(_Group(prompt, seed, context, max_new, [], len(context) + k * max_new))
+        n_seq = min(max(self.sequences, k), llama_cpp.llama_max_parallel_sequences())
+        if k > n_seq:
+            raise UserError(f"sample.k={k} exceeds llama.cpp's {n_seq} parallel sequences")
+        per_step = max(1, min(n_seq // k, len(groups)))  # prompts in flight when all are the longest
+        self._context(n_seq, per_step * max(g.cells for g in groups))
+        free_ids = list(range(self.n_seq - 1, -1, -1))
+        free_cells = self.kv_cells
+        live: list[_Seq] = []
+        batch = self.batch
+        while groups or live:
+            batch.n = 0
+            for s in live:  # one step for every live sequence: its last token, logits out
+                batch.add(s.ids[-1:], len(s.group.context) + len(s.ids) - 1, s.seq_id, True)
+            new = []  # admit prompts while their worst case fits the free cells, sequence ids and batch
+            while groups and len(free_ids) >= k and groups[0].cells <= free_cells \
+                    and batch.n + len(groups[0].context) <= batch.capacity:
+                g = groups.popleft()
+                g.seq_ids = [free_ids.pop() for _ in range(k)]
+                free_cells -= g.cells
+                batch.add(g.context, 0, g.seq_ids[0], True)
+                new.append(g)
+            if not batch.n:  # cannot happen with the sizing above; never spin
+                raise RuntimeError("batched sampler: nothing fits the KV cache")
+            rc = llama_cpp.llama_decode(self.ctx, batch.struct())
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}): {batch.n} tokens, {len(live)} sequences")
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx),
+                                           shape=(len(live) + len(new), self.n_vocab))
+            # Outputs come in batch order: a row per live sequence, then one prompt row per new group.
+            rows = list(range(len(live)))
+            for r, g in enumerate(new, start=len(live)):
+                for sid in g.seq_ids[1:]:  # the other K-1 sequences share the prompt's cells
+                    llama_cpp.llama_memory_seq_cp(self.memory, g.seq_ids[0], sid, -1, -1)
+                for idx, sid in enumerate(g.seq_ids):
+                    live.append(_Seq(g, idx, sid, candidate_rng(g.seed, idx)))
+                    rows.append(r)
+            step = logits[rows]
+            if temperature <= 0:
+                tokens = step.argmax(axis=1)
+            else:
+                tokens = np.array([draw(row, temperature, s.rng, top_k, top_p, min_p) for row, s in zip(step, live)])
+            logps = _token_logprobs(step, tokens)
+            still = []
+            for s, token, logp in zip(live, tokens.tolist(), logps.tolist()):
+                s.ids.append(token)
+                s.logps.append(logp)
+                finish = "stop" if token in self.eog else "length" if len(s.ids) >= s.group.max_new else None
+                if finish is None:
+                    still.append(s)
+                    continue
+                g = s.group
+                g.done.append(_candidate(self.tokenizer, g.prompt.id, s.idx, s.ids, s.logps, finish))
+                if len(g.done) == k:  # the whole prompt is done: free its cells and ids, hand it over
+                    for sid in g.seq_ids:
+                        llama_cpp.llama_memory_seq_rm(self.memory, sid, -1, -1)
+                    free_ids.extend(g.seq_ids)
+                    free_cells += g.cells
+                    on_prompt(g.prompt, sorted(g.done, key=lambda c: c.idx))
+            live = still
+
+
+def _token_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """log_softmax(row)[token] for each row, without materialising the whole float64 log-softmax."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp((logits - m).astype(np.float64)).sum(axis=1)) + m[:, 0]
+    return logits[np.arange(len(tokens)), tokens].astype(np.float64) - lse
+
+
+class SequentialSampler:
+    """One candidate at a time on llama-cpp-python's `Llama` (+ optional GGUF LoRA): the simple fallback.
+
+    Same interface and the same per-candidate RNG streams as `Sampler`; use it when a KV cache for several
+    sequences does not fit memory, or to check the batched sampler against a straightforward one.
+    """
 
     def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,
                  threads: int = 0):
@@ -63,9 +339,10 @@ class Sampler:
         self.n_vocab = self.llm.n_vocab()
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
-        self.eog = _end_of_generation_ids(self.llm, tokenizer)
+        self.eog = _end_of_generation_ids(self.llm.model, tokenizer)
 
     def close(self):
+        """Free the model."""
         self.llm.close()
 
     def _last_logits(self) -> np.ndarray:
@@ -75,11 +352,8 @@ class Sampler:
     def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0) -> list[Candidate]:
         """K candidates for one prompt; the first decode of the prompt is shared by all of them."""
-        context = self.tokenizer.chat_tokens(chat_messages(prompt))
-        if len(context) + 1 >= self.n_ctx:
-            raise UserError(f"prompt {prompt.id!r}: {len(context)} tokens do not fit student.n_ctx={self.n_ctx}")
+        context = _chat_context(self.tokenizer, prompt, self.n_ctx)
         max_tokens = min(max_tokens, self.n_ctx - len(context))
-        rng = np.random.default_rng(seed)
         llm = self.llm
         llm.reset()
         llm.eval(context)
@@ -87,6 +361,7 @@ class Sampler:
         out = []
         for idx in range(k):
             llm.n_tokens = n_prompt  # rewind: the next eval overwrites the previous candidate's KV
+            rng = candidate_rng(seed, idx)
             ids, logps, finish = [], [], "length"
             logits = prompt_logits
             for step in range(max_tokens):
@@ -99,26 +374,16 @@ class Sampler:
                     finish = "stop"
                     break
                 llm.eval([token])
-            text_ids = ids[:-1] if finish == "stop" else ids
-            out.append(Candidate(prompt.id, idx, self.tokenizer.decode(text_ids),
-                                 np.array(ids, np.int32), np.array(logps, np.float32), finish))
+            out.append(_candidate(self.tokenizer, prompt.id, idx, ids, logps, finish))
         return out
+
+    def generate(self, jobs: list[tuple[Prompt, int]], k: int, temperature: float, max_tokens: int, top_k: int,
+                 top_p: float, min_p: float, on_prompt: Callable[[Prompt, list[Candidate]], None]):
+        """K candidates for each (prompt, seed), one prompt after another."""
+        for prompt, seed in jobs:
+            on_prompt(prompt, self.sample(prompt, k, temperature, max_tokens, seed, top_k, top_p, min_p))
 
     def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int,
                    on_prompt: Callable[[Prompt, list[Candidate]], None]):
         """Sample every prompt with the recipe's [sample] settings, handing each prompt's candidates to `on_prompt`."""
-        for prompt in prompts:
-            on_prompt(prompt, self.sample(prompt, cfg.k, cfg.temperature, cfg.max_tokens,
-                                          prompt_seed(seed, round_, prompt.id), cfg.top_k, cfg.top_p, cfg.min_p))
-
-
-def _end_of_generation_ids(llm, tokenizer) -> set[int]:
-    """Tokens that end a reply: EOS plus every token llama.cpp classes as end-of-generation."""
-    import llama_cpp
-
-    ids = {tokenizer.eos_id}
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        if llama_cpp.llama_vocab_is_eog(vocab, t):
-            ids.add(t)
-    return ids
+        _sample_all(self, prompts, cfg, seed, round_, on_prompt)

@@ -27,10 +27,12 @@ def anchored_messages(prompt: Prompt, anchor: str) -> list[dict]:
 
 @dataclass(frozen=True)
 class GroupScores:
-    """Both scorers' values for one prompt's candidates."""
+    """Both scorers' values for one prompt's candidates, and for its anchor scored the same way."""
 
     likelihood: np.ndarray  # mean log-prob with the anchor in context, [K]
     plain: np.ndarray  # mean log-prob without it, [K]
+    anchor_likelihood: float
+    anchor_plain: float
 
     def by(self, scorer: str) -> np.ndarray:
         if scorer == "anchor-likelihood":
@@ -39,25 +41,31 @@ class GroupScores:
             return self.likelihood - self.plain
         raise ValueError(scorer)
 
+    def anchor_by(self, scorer: str) -> float:
+        if scorer == "anchor-likelihood":
+            return self.anchor_likelihood
+        if scorer == "anchor-gain":
+            return self.anchor_likelihood - self.anchor_plain
+        raise ValueError(scorer)
+
 
 def score_groups(student, tokenizer, groups: list[tuple[Prompt, str, list[Candidate]]],
                  batch_size: int = 8) -> list[GroupScores]:
-    """Score every candidate of several prompts with and without the anchor, in shared batches."""
-    sequences, owners = [], []
-    for g, (prompt, anchor, candidates) in enumerate(groups):
+    """Score every candidate (and the anchor itself) of several prompts with and without the anchor."""
+    sequences = []
+    for prompt, anchor, candidates in groups:
         with_anchor = tokenizer.chat_tokens(anchored_messages(prompt, anchor))
         plain = tokenizer.chat_tokens(chat_messages(prompt))
-        for c in candidates:
-            sequences += [(with_anchor, list(c.token_ids)), (plain, list(c.token_ids))]
-            owners.append(g)
+        for ids in [list(c.token_ids) for c in candidates] + [tokenizer.answer_tokens(anchor)]:
+            sequences += [(with_anchor, ids), (plain, ids)]
     sums, counts = sequence_logprobs(student, sequences, batch_size=batch_size)
     means = sums / np.maximum(counts, 1)
     out, start = [], 0
-    for prompt, anchor, candidates in groups:
-        k = len(candidates)
-        block = means[2 * start : 2 * (start + k)]
-        out.append(GroupScores(likelihood=block[0::2].copy(), plain=block[1::2].copy()))
-        start += k
+    for _, _, candidates in groups:
+        block = means[start : start + 2 * (len(candidates) + 1)]
+        out.append(GroupScores(likelihood=block[0:-2:2].copy(), plain=block[1:-2:2].copy(),
+                               anchor_likelihood=float(block[-2]), anchor_plain=float(block[-1])))
+        start += len(block)
     return out
 
 

@@ -45,20 +45,35 @@ def batch_token_logprobs(student, batch: SeqBatch) -> mx.array:
     return token_logprobs(hidden, student.head_weight, batch.targets, batch.mask)
 
 
-def sequence_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Summed completion log-prob and completion length of each sequence (no gradient)."""
+def completion_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> list[np.ndarray]:
+    """Per-token log-probs of each sequence's completion (no gradient), batched by similar length."""
     student.set_adapter(adapter)
     try:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-        sums = np.zeros(len(sequences), np.float64)
-        counts = np.zeros(len(sequences), np.int64)
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = pack([sequences[i] for i in idx])
-            logps = batch_token_logprobs(student, batch).sum(axis=1)
+            logps = batch_token_logprobs(student, batch)
             mx.eval(logps)
-            sums[idx] = np.array(logps, np.float64)
-            counts[idx] = [len(sequences[i][1]) for i in idx]
-        return sums, counts
+            logps, mask = np.array(logps), np.array(batch.mask) > 0
+            for row, i in enumerate(idx):
+                out[i] = logps[row][mask[row]].astype(np.float32)
+        return out
     finally:
         student.set_adapter(True)
+
+
+def sequence_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-prob and completion length of each sequence (no gradient)."""
+    tokens = completion_logprobs(student, sequences, batch_size, adapter)
+    return (np.array([t.sum(dtype=np.float64) for t in tokens]), np.array([len(t) for t in tokens], np.int64))
+
+
+def aligned(batch: SeqBatch, per_sequence: list[np.ndarray]) -> mx.array:
+    """Place each sequence's per-completion-token values at its mask positions of `batch` ([B, T], 0 elsewhere)."""
+    mask = np.array(batch.mask) > 0
+    out = np.zeros(mask.shape, np.float32)
+    for row, values in enumerate(per_sequence):
+        out[row][mask[row]] = values
+    return mx.array(out)

@@ -1,8 +1,10 @@
 """THE training loop: one loop for every objective; the loss and the batches are passed in.
 
-The checkpoint is a plain pair of files (LoRA + optimizer tensors as safetensors, step + RNG + config as
+The checkpoint is a plain pair of files (LoRA + optimizer tensors as safetensors, step + fingerprint as
 JSON), written atomically (temp file + rename) every `checkpoint_every` steps and at the end, so a killed
-run resumes at the last checkpoint with its optimizer state, step and RNG.
+run resumes at the last checkpoint with its optimizer state and step. The only randomness of training is
+the batch order, a pure function of (seed, round) laid out before the loop, so resuming at step s replays
+exactly the batches a run without the interruption would have seen; the learning rate is constant.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def save_checkpoint(directory: Path, student, optimizer, step: int, fingerprint:
     tensors = {"lora." + k: v for k, v in student.lora_state().items()}
     tensors.update({"opt." + k: v for k, v in tree_flatten(optimizer.state)})
     atomic_save(directory / "checkpoint.safetensors", lambda p: mx.save_safetensors(p, tensors))
-    state = {"step": step, "fingerprint": fingerprint, "rng": [int(x) for x in mx.random.state[0].tolist()]}
+    state = {"step": step, "fingerprint": fingerprint}
     atomic_save(directory / "checkpoint.json", lambda p: Path(p).write_text(json.dumps(state)))
 
 
@@ -62,7 +64,6 @@ def load_checkpoint(directory: Path, student, optimizer, fingerprint: str) -> in
     opt_items = [(k[4:], v) for k, v in tensors.items() if k.startswith("opt.")]
     if opt_items:
         optimizer.state = tree_unflatten(opt_items)
-    mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
     return int(state["step"])
 
 

@@ -144,15 +144,18 @@ def ref_ldl(x, s, mask, beta, tau):
         logp = a - np.logaddexp.reduce(a)
         logq = b - np.logaddexp.reduce(b)
         q = np.exp(logq)
-        loss[i] = np.sum(q * (logq - logp))
+        r = logq - logp
+        loss[i] = np.sum(q * r)
         dx[i, v] = beta * (np.exp(logp) - q)
-        ds[i, v] = q * (logq - logp - loss[i]) / tau
+        # q_k (r_k - loss) without cancelling ~1e4-sized terms when q is nearly one-hot.
+        ds[i, v] = q * ((r[:, None] - r[None, :]) * q[None, :]).sum(axis=1) / tau
     return loss, dx, ds
 
 
-def ldl_inputs(rng, p, k, scale=3.0, valid_p=0.7):
+def ldl_inputs(rng, p, k, scale=3.0, valid_p=0.7, score_scale=3.0, score_offset=0.0):
     x = f32(rng.standard_normal((p, k)) * scale)
-    s = f32(rng.standard_normal((p, k)) * scale)
+    offset = score_offset * rng.choice([-1.0, 1.0], size=(p, 1))
+    s = f32(rng.standard_normal((p, k)) * score_scale + offset)
     mask = rng.random((p, k)) < valid_p
     mask[0] = False                    # empty row
     if p > 1:
@@ -172,9 +175,16 @@ def test_ldl_reference_gradient_fd(rng):
     assert_fd(f, [x, s], 1, g[:, None] * ds)
 
 
-@pytest.mark.parametrize("p,k,scale", [(12, 8, 3.0), (12, 8, 1e4), (5, 1, 3.0)])
-def test_ldl_matches_reference(rng, p, k, scale):
-    x, s, mask = ldl_inputs(rng, p, k, scale)
+@pytest.mark.parametrize("p,k,scale,score_scale,score_offset", [
+    (12, 8, 3.0, 3.0, 0.0),
+    (12, 8, 1e4, 3.0, 0.0),     # log-ratios of order 1e4
+    (12, 8, 3.0, 3.0, 1e4),     # scores of order 1e4, spread O(1): q stays soft
+    (12, 8, 1e4, 1e4, 0.0),     # both spread at 1e4: q and p (nearly) one-hot
+    (5, 1, 3.0, 3.0, 0.0),      # K = 1
+])
+def test_ldl_matches_reference(rng, p, k, scale, score_scale, score_offset):
+    x, s, mask = ldl_inputs(rng, p, k, scale, score_scale=score_scale,
+                            score_offset=score_offset)
     beta, tau = float(rng.uniform(0.1, 2)), float(rng.uniform(0.2, 2))
     g = f32(rng.standard_normal(p))
     want, dx, ds = ref_ldl(x.astype(np.float64), s.astype(np.float64), mask, beta, tau)
@@ -183,12 +193,16 @@ def test_ldl_matches_reference(rng, p, k, scale):
     assert got.shape == (p,)
     assert np.all(got[mask.sum(1) < 2] == 0.0)
     assert np.all(gx[~mask] == 0.0) and np.all(gs[~mask] == 0.0)
-    if np.any(want):
-        assert rel_err(got, want) < VALUE_RTOL
-        assert rel_err(gx, g[:, None] * dx) < GRAD_RTOL
+    assert np.all(np.isfinite(gs))
+    if not np.any(want):
+        assert np.all(got == 0.0) and np.all(gx == 0.0) and np.all(gs == 0.0)
+        return
+    assert rel_err(got, want) < VALUE_RTOL
+    assert rel_err(gx, g[:, None] * dx) < GRAD_RTOL
+    if score_scale < 1e4:
+        # With scores spread at 1e4 the score gradient is ~exp(-gap / tau) and falls
+        # below float32's range; everything else is still compared above.
         assert rel_err(gs, g[:, None] * ds) < GRAD_RTOL
-    else:
-        assert np.all(got == 0.0) and np.all(gx == 0.0)
 
 
 def test_ldl_ignores_garbage_in_masked_slots(rng):
@@ -287,9 +301,12 @@ def test_grpo_advantages(rng, scale_by_std):
     mask[0] = False
     mask[3] = False
     mask[3, 2] = True                            # one valid entry: 0
+    s[4, :3] = 2.9   # float32: (2.9 + 2.9 + 2.9) / 3 != 2.9
+    mask[4] = [True, True, True, False, False, False]  # the valid ones all tied: 0
     got = np.array(grpo_advantages(mx.array(s), mx.array(mask), scale_by_std, 1e-4))
     want = ref_advantages(s.astype(np.float64), mask, scale_by_std, 1e-4)
-    assert np.all(got[~mask] == 0.0) and np.all(got[1] == 0.0) and np.all(got[3] == 0.0)
+    assert np.all(got[~mask] == 0.0)
+    assert np.all(got[1] == 0.0) and np.all(got[3] == 0.0) and np.all(got[4] == 0.0)
     assert rel_err(got, want) < VALUE_RTOL
     one = np.array(grpo_advantages(mx.array(s[:, :1]), mx.array(np.ones((p, 1), bool))))
     assert np.all(one == 0.0)                    # K = 1
@@ -306,7 +323,7 @@ def ref_grpo(logp, old, ref, adv, mask, clip_eps, beta, norm):
     a = adv[:, None]
     r = np.exp(logp - old)
     u, v = r * a, np.clip(r, 1 - clip_eps, 1 + clip_eps) * a
-    take_u = u <= v
+    take_u = (u <= v) & (a != 0)
     gap = ref - logp
     tok = np.where(mask, beta * (np.exp(gap) - gap - 1) - np.minimum(u, v), 0.0)
     ds = np.where(take_u, u, 0.0)
@@ -363,6 +380,24 @@ def test_grpo_token_loss_all_masked_is_zero(rng):
     got, vjps = mlx_grads(lambda *a: grpo_token_loss(*a, 0.2, 0.1, "sequence"), args,
                           [0], np.float32(1.0))
     assert got == 0.0 and np.all(vjps[0] == 0.0)
+
+
+def test_grpo_overflows_that_do_not_matter_stay_finite(rng):
+    # exp(100) overflows float32: with A = 0 the surrogate is 0 and nothing may be NaN.
+    args = grpo_inputs(rng, 3, 4)
+    args[0][1] = args[1][1] + 100.0
+    args[3][1] = 0.0
+    args[4][1] = True
+    for norm in ("token", "sequence"):
+        got, vjps = mlx_grads(lambda *a: grpo_token_loss(*a, 0.2, 0.0, norm), args,
+                              [0, 1, 2, 3], np.float32(1.0))
+        assert np.isfinite(got) and all(np.all(np.isfinite(v)) for v in vjps)
+        assert np.all(vjps[0][1] == 0.0)
+    # beta = 0 ignores ref_logp entirely, even an overflowing one.
+    args[2][2] = args[0][2] + 200.0
+    got, vjps = mlx_grads(lambda *a: grpo_token_loss(*a, 0.2, 0.0, "token"), args,
+                          [0, 1, 2, 3], np.float32(1.0))
+    assert np.isfinite(got) and all(np.all(np.isfinite(v)) for v in vjps)
 
 
 def test_grpo_token_vs_sequence_weighting():

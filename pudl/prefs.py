@@ -1,0 +1,133 @@
+"""Ranked candidates -> what the trainer consumes: DPO pairs or listwise groups, as padded batches.
+
+Candidates keep their sampled token ids; only the anchor (teacher text) is tokenised. Reference log-probs
+come from the cache (computed once, adapter disabled); the sampler's log-probs are GRPO's behaviour policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from pudl.cache import ANCHOR_IDX, Candidate, Pair
+from pudl.kernels import grpo_advantages
+from pudl.losses import TrainBatch
+from pudl.prompts import Prompt, chat_messages
+from pudl.sequences import aligned, pack
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's ranked members (candidate indices, ANCHOR_IDX for the anchor) and their scores."""
+
+    prompt_id: str
+    members: tuple[int, ...]
+    scores: tuple[float, ...]
+
+
+class Completions:
+    """Token ids of prompt contexts and of completions (candidates as sampled, the anchor tokenised once)."""
+
+    def __init__(self, prompts: dict[str, Prompt], anchors: dict[str, str], candidates: dict[str, list[Candidate]],
+                 tokenizer):
+        self.prompts, self.anchors, self.candidates, self.tokenizer = prompts, anchors, candidates, tokenizer
+        self._contexts: dict[str, list[int]] = {}
+        self._anchor_ids: dict[str, list[int]] = {}
+
+    def context(self, prompt_id: str) -> list[int]:
+        if prompt_id not in self._contexts:
+            self._contexts[prompt_id] = self.tokenizer.chat_tokens(chat_messages(self.prompts[prompt_id]))
+        return self._contexts[prompt_id]
+
+    def completion(self, prompt_id: str, idx: int) -> list[int]:
+        if idx == ANCHOR_IDX:
+            if prompt_id not in self._anchor_ids:
+                self._anchor_ids[prompt_id] = self.tokenizer.answer_tokens(self.anchors[prompt_id])
+            return self._anchor_ids[prompt_id]
+        return list(self.candidates[prompt_id][idx].token_ids)
+
+    def sequence(self, prompt_id: str, idx: int) -> tuple[list[int], list[int]]:
+        return self.context(prompt_id), self.completion(prompt_id, idx)
+
+    def behaviour(self, prompt_id: str, idx: int) -> np.ndarray:
+        """The sampler's per-token log-probs (the anchor was not sampled: it has none)."""
+        return self.candidates[prompt_id][idx].logprobs
+
+
+def make_groups(prompts: list[Prompt], scores: dict[str, list[float]], anchor_scores: dict[str, float],
+                include_anchor: bool) -> list[Group]:
+    """Listwise groups: every candidate of a prompt (+ the anchor with its own score); groups of < 2 skipped."""
+    groups = []
+    for p in prompts:
+        if p.id not in scores:
+            continue
+        members, values = list(range(len(scores[p.id]))), list(scores[p.id])
+        if include_anchor and p.id in anchor_scores:
+            members.append(ANCHOR_IDX)
+            values.append(anchor_scores[p.id])
+        if len(members) >= 2:
+            groups.append(Group(p.id, tuple(members), tuple(values)))
+    return groups
+
+
+def needed_references(algo: str, pairs: list[Pair], groups: list[Group]) -> list[tuple[str, int]]:
+    """The (prompt, member) sequences whose reference log-probs the objective needs."""
+    keys = [(p.prompt_id, i) for p in pairs for i in (p.chosen_idx, p.rejected_idx)] if algo == "dpo" else \
+        [(g.prompt_id, m) for g in groups for m in g.members]
+    return list(dict.fromkeys(keys))
+
+
+def _fits(seqs, max_len: int) -> bool:
+    return max(len(c) + len(y) for c, y in seqs) <= max_len
+
+
+def _epochs(items: list, cfg, seed: int):
+    """Batches of item indices: a fresh seeded shuffle per epoch."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cfg.epochs):
+        order = rng.permutation(len(items)).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            yield [items[i] for i in order[start : start + cfg.batch_size]]
+
+
+def dpo_batches(pairs: list[Pair], refs: dict, comp: Completions, cfg, seed: int) -> tuple[list[TrainBatch], int]:
+    """Pair batches laid out [chosen0, rejected0, chosen1, ...] with cached reference sequence log-probs."""
+    usable = [p for p in pairs if _fits([comp.sequence(p.prompt_id, i) for i in (p.chosen_idx, p.rejected_idx)],
+                                        cfg.max_seq_len)]
+    batches = []
+    for chunk in _epochs(usable, cfg, seed):
+        keys = [(p.prompt_id, i) for p in chunk for i in (p.chosen_idx, p.rejected_idx)]
+        ref = np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)
+        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys]), {"ref_logps": mx.array(ref)}, len(chunk)))
+    return batches, len(pairs) - len(usable)
+
+
+def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed: int) -> tuple[list[TrainBatch], int]:
+    """Group batches: members laid out group-major, with slot indices mapping them onto a [G, K] grid."""
+    usable = [g for g in groups if _fits([comp.sequence(g.prompt_id, m) for m in g.members], cfg.max_seq_len)]
+    batches = []
+    for chunk in _epochs(usable, cfg, seed):
+        keys = [(g.prompt_id, m) for g in chunk for m in g.members]
+        width = max(len(g.members) for g in chunk)
+        slots = np.full((len(chunk), width), len(keys), np.int32)  # padding points past the end
+        scores = np.zeros((len(chunk), width), np.float32)
+        valid = np.zeros((len(chunk), width), np.float32)
+        n = 0
+        for row, g in enumerate(chunk):
+            k = len(g.members)
+            slots[row, :k], scores[row, :k], valid[row, :k] = np.arange(n, n + k), g.scores, 1.0
+            n += k
+        seqs = pack([comp.sequence(*k) for k in keys])
+        extras = {
+            "ref_logps": mx.array(np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)),
+            "slots": mx.array(slots), "scores": mx.array(scores), "group_mask": mx.array(valid),
+        }
+        if cfg.algo == "grpo":
+            adv = np.array(grpo_advantages(mx.array(scores), mx.array(valid), scale_by_std=cfg.scale_by_std))
+            extras["advantages"] = mx.array(adv[valid > 0])  # group-major = sequence order
+            extras["ref_tokens"] = aligned(seqs, [refs[k] for k in keys])
+            extras["old_tokens"] = aligned(seqs, [comp.behaviour(*k) for k in keys])
+        batches.append(TrainBatch(seqs, extras, len(chunk)))
+    return batches, len(groups) - len(usable)
