@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS stages (
 """
 
 ANCHOR_IDX = -1  # chosen_idx of a pair whose chosen side is the anchor
+ANCHOR_BEHAVIOUR_IDX = -2  # references_ row: the anchor's log-probs under the policy that sampled the round
 STAGES = ("sample", "score", "prefs", "train")
 STAGE_TABLES = {"sample": ("candidates",), "score": ("scores", "groups"), "prefs": ("pairs", "references_"),
                 "train": ()}

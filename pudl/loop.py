@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pudl import adapters
-from pudl.cache import Cache, Pair, fingerprint
+from pudl.cache import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Cache, Pair, fingerprint
 from pudl.errors import TeacherError, UserError
 from pudl.evaluate import evaluate, ranker_agreement
 from pudl.losses import LOSSES
@@ -183,8 +183,7 @@ class Run:
         r, t = self.recipe.rank, self.recipe.train
         candidates = self.cache.candidates(round_)
         scores = self.cache.scores(round_, r.scorer)
-        groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer),
-                             include_anchor=t.include_anchor and t.algo != "grpo")  # the anchor was never sampled
+        groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer), t.include_anchor)
         comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
         if self.stage(round_, "prefs", fp):
             return self.cache.pairs(round_), groups, comp
@@ -197,6 +196,11 @@ class Run:
             tokens = completion_logprobs(self.student, [comp.sequence(*k) for k in keys], adapter=False)
             advance(len(keys))
         refs = dict(zip(keys, tokens))
+        if t.algo == "grpo" and t.include_anchor:  # the anchor's behaviour log-probs: the current policy's
+            anchor_keys = [(g.prompt_id, ANCHOR_IDX) for g in groups if ANCHOR_IDX in g.members]
+            behaviour = completion_logprobs(self.student, [comp.sequence(*k) for k in anchor_keys])
+            refs.update({(pid, ANCHOR_BEHAVIOUR_IDX): b for (pid, _), b in zip(anchor_keys, behaviour)})
+            keys += [(pid, ANCHOR_BEHAVIOUR_IDX) for pid, _ in anchor_keys]
         self.cache.put_references(round_, [(pid, idx, refs[(pid, idx)]) for pid, idx in keys])
         if t.algo == "dpo":
             pairs = [Pair(p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin,

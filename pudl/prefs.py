@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from pudl.cache import ANCHOR_IDX, Candidate, Pair
+from pudl.cache import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Candidate, Pair
 from pudl.kernels import grpo_advantages
 from pudl.losses import TrainBatch
 from pudl.prompts import Prompt, chat_messages
@@ -51,9 +51,14 @@ class Completions:
     def sequence(self, prompt_id: str, idx: int) -> tuple[list[int], list[int]]:
         return self.context(prompt_id), self.completion(prompt_id, idx)
 
-    def behaviour(self, prompt_id: str, idx: int) -> np.ndarray:
-        """The sampler's per-token log-probs (the anchor was not sampled: it has none)."""
-        return self.candidates[prompt_id][idx].logprobs
+
+
+def behaviour(comp: Completions, refs: dict, prompt_id: str, idx: int) -> np.ndarray:
+    """GRPO's behaviour log-probs: the sampler's for a candidate; for the anchor (never sampled), its log-probs
+    under the policy that sampled this round, computed in MLX when the round's preferences were made."""
+    if idx == ANCHOR_IDX:
+        return refs[(prompt_id, ANCHOR_BEHAVIOUR_IDX)]
+    return comp.candidates[prompt_id][idx].logprobs
 
 
 def make_groups(prompts: list[Prompt], scores: dict[str, list[float]], anchor_scores: dict[str, float],
@@ -128,6 +133,6 @@ def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed:
             adv = np.array(grpo_advantages(mx.array(scores), mx.array(valid), scale_by_std=cfg.scale_by_std))
             extras["advantages"] = mx.array(adv[valid > 0])  # group-major = sequence order
             extras["ref_tokens"] = aligned(seqs, [refs[k] for k in keys])
-            extras["old_tokens"] = aligned(seqs, [comp.behaviour(*k) for k in keys])
+            extras["old_tokens"] = aligned(seqs, [behaviour(comp, refs, *k) for k in keys])
         batches.append(TrainBatch(seqs, extras, len(chunk)))
     return batches, len(groups) - len(usable)

@@ -51,3 +51,12 @@ def test_bad_recipes_name_the_key(tmp_path, body, needle):
 def test_missing_recipe(tmp_path):
     with pytest.raises(UserError, match="recipe not found"):
         load_recipe(tmp_path / "nope.toml")
+
+
+def test_every_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+    assert len(recipes) >= 4
+    algos = {load_recipe(r).train.algo for r in recipes}
+    assert {"dpo", "grpo", "ldl", "listmle"} <= algos

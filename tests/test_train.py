@@ -43,7 +43,7 @@ def prepared(setup, algo):
         cands[pid] = [replace(c, logprobs=lp) for c, lp in zip(cs, lps)]
     comp = Completions({p.id: p for p in prompts}, anchors, cands, tok)
     scores = {p.id: [2.0, 0.5, -1.0] for p in prompts}  # candidate 0 best, 2 worst
-    groups = make_groups(prompts, scores, {p.id: 3.0 for p in prompts}, include_anchor=algo in ("ldl", "listmle"))
+    groups = make_groups(prompts, scores, {p.id: 3.0 for p in prompts}, include_anchor=algo in ("ldl", "listmle"))  # grpo: see the loop test
     pairs = [Pair(p.id, "best-vs-worst", 0, 2, 3.0) for p in prompts] + \
             [Pair(p.id, "anchor-vs-worst", ANCHOR_IDX, 2, None) for p in prompts]
     keys = needed_references(algo, pairs, groups)
