@@ -3,9 +3,10 @@
     python -m pudl.kernels.bench --repeats 3 --json bench.json
 
 Each case runs ``mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))``, i.e. gradients
-for the hidden states and the LM head, once to warm up (trace + JIT) and then
-``repeats`` timed times; the median is reported.  Peak memory is
-``mx.get_peak_memory()`` after ``mx.reset_peak_memory()`` and includes the inputs.
+for the hidden states and the LM head, ``warmup`` times (trace + JIT) and then
+``repeats`` timed times, alternating fused / naive; the median is reported.  Peak memory
+is ``mx.get_peak_memory()`` after ``mx.reset_peak_memory()`` (max over the timed runs)
+and includes the inputs.
 """
 
 from __future__ import annotations
@@ -44,22 +45,33 @@ def _inputs(size: dict, seed: int):
     return hidden, weight, targets, mask
 
 
-def _measure(fn, args, repeats: int, warmup: int) -> dict:
-    step = mx.compile(mx.value_and_grad(lambda h, w, t, m: fn(h, w, t, m).sum(), argnums=(0, 1)))
-    for _ in range(warmup):
-        mx.eval(step(*args))
-    mx.clear_cache()
+def _measure(fns: dict, args, repeats: int, warmup: int) -> dict:
+    """Median wall time and peak memory per case (name -> loss fn) over `repeats` runs."""
+    # The timed runs alternate between the cases so that load from other processes on a
+    # shared machine hits every case alike.
+    steps = {name: mx.compile(mx.value_and_grad(lambda h, w, t, m, fn=fn: fn(h, w, t, m).sum(),
+                                                argnums=(0, 1)))
+             for name, fn in fns.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            mx.eval(step(*args))
+        mx.clear_cache()
     mx.synchronize()
     inputs_bytes = mx.get_active_memory()
-    mx.reset_peak_memory()
-    times = []
+    times = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, 0)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(step(*args))
-        times.append(time.perf_counter() - t0)
-    peak = mx.get_peak_memory()
-    return {"seconds": statistics.median(times), "all_seconds": times, "peak_bytes": peak,
-            "peak_over_inputs_bytes": peak - inputs_bytes}
+        for name, step in steps.items():
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            mx.eval(step(*args))
+            times[name].append(time.perf_counter() - t0)
+            peaks[name] = max(peaks[name], mx.get_peak_memory())
+    return {name: {"seconds": statistics.median(times[name]), "all_seconds": times[name],
+                   "peak_bytes": peaks[name],
+                   "peak_over_inputs_bytes": peaks[name] - inputs_bytes}
+            for name in steps}
 
 
 def run(sizes=DEFAULT_SIZES, repeats: int = 3, json_out: str | Path | None = None,
@@ -71,11 +83,10 @@ def run(sizes=DEFAULT_SIZES, repeats: int = 3, json_out: str | Path | None = Non
     for i, s in enumerate(sizes):
         size = _size(s)
         args = _inputs(size, seed=i)
-        fused = _measure(lambda h, w, t, m: token_logprobs(h, w, t, m, chunk_size=chunk_size,
-                                                           head_grad=True),
-                         args, repeats, warmup)
-        mx.clear_cache()
-        naive = _measure(naive_token_logprobs, args, repeats, warmup)
+        res = _measure({"fused": lambda h, w, t, m: token_logprobs(
+                            h, w, t, m, chunk_size=chunk_size, head_grad=True),
+                        "naive": naive_token_logprobs}, args, repeats, warmup)
+        fused, naive = res["fused"], res["naive"]
         mx.clear_cache()
         rows.append({**size, "chunk_size": min(chunk_size, size["V"]), "fused": fused,
                      "naive": naive, "speedup": naive["seconds"] / fused["seconds"],

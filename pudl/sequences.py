@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
 from pudl.kernels import token_logprobs
 
 
@@ -46,22 +48,58 @@ def batch_token_logprobs(student, batch: SeqBatch) -> mx.array:
 
 
 def completion_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> list[np.ndarray]:
-    """Per-token log-probs of each sequence's completion (no gradient), batched by similar length."""
+    """Per-token log-probs of each sequence's completion (no gradient).
+
+    Sequences that share a context (a prompt's K candidates) decode the context once and reuse its KV cache
+    for all their completions, batched up to `batch_size` at a time.
+    """
     student.set_adapter(adapter)
     try:
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = pack([sequences[i] for i in idx])
-            logps = batch_token_logprobs(student, batch)
-            mx.eval(logps)
-            logps, mask = np.array(logps), np.array(batch.mask) > 0
-            for row, i in enumerate(idx):
-                out[i] = logps[row][mask[row]].astype(np.float32)
+        by_context: dict[tuple, list[int]] = {}
+        for i, (context, _) in enumerate(sequences):
+            by_context.setdefault(tuple(context), []).append(i)
+        for context, members in by_context.items():
+            states, last = _prefix(student, list(context))
+            members.sort(key=lambda i: len(sequences[i][1]))
+            for start in range(0, len(members), batch_size):
+                idx = members[start : start + batch_size]
+                logps = _completions_after_prefix(student, states, last, [list(sequences[i][1]) for i in idx])
+                for row, i in enumerate(idx):
+                    out[i] = logps[row][: len(sequences[i][1])]
         return out
     finally:
         student.set_adapter(True)
+
+
+def _prefix(student, context: list[int]):
+    """Decode a context once: its per-layer (keys, values) and the hidden state after its last token."""
+    caches = make_prompt_cache(student.model)
+    hidden = student.model.model(mx.array([context], mx.int32), cache=caches)
+    states = [c.keys_and_values() for c in caches]
+    last = hidden[:, -1:, :]
+    mx.eval(states, last)
+    return states, last
+
+
+def _completions_after_prefix(student, states, last, completions: list[list[int]]) -> np.ndarray:
+    """Token log-probs [n, max_len] of completions that all continue the same decoded prefix."""
+    n, width = len(completions), max(len(c) for c in completions)
+    targets = np.zeros((n, width), np.int32)
+    mask = np.zeros((n, width), np.float32)
+    for row, c in enumerate(completions):
+        targets[row, : len(c)], mask[row, : len(c)] = c, 1.0
+    hidden = mx.repeat(last, n, axis=0)  # predicts each completion's first token
+    if width > 1:
+        caches = []
+        for keys, values in states:
+            cache = KVCache()
+            cache.state = (mx.repeat(keys, n, axis=0), mx.repeat(values, n, axis=0), keys.shape[2])
+            caches.append(cache)
+        rest = student.model.model(mx.array(targets[:, :-1]), cache=caches)
+        hidden = mx.concatenate([hidden, rest], axis=1)
+    logps = token_logprobs(hidden, student.head_weight, mx.array(targets), mx.array(mask))
+    return np.array(logps)
 
 
 def sequence_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> tuple[np.ndarray, np.ndarray]:
