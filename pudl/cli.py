@@ -49,9 +49,11 @@ def main():
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (overrides run.out).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe value, e.g. --set rank.pairs=best-vs-worst (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars; only the final summary.")
 @user_errors
-def run(recipe, out, quiet):
+def run(recipe, out, overrides, quiet):
     """Run RECIPE (TOML) end to end: anchors, sampling, self-ranking, training, export, evaluation.
 
     Everything is cached in the run directory: rerunning the same recipe resumes where it stopped and
@@ -61,7 +63,7 @@ def run(recipe, out, quiet):
     from pudl.recipe import load_recipe
     from pudl.report import Reporter
 
-    r = load_recipe(recipe, out)
+    r = load_recipe(recipe, out, list(overrides))
     summary = run_recipe(r, lambda d: Reporter(d, err_console, quiet=quiet))
     _print_summary(summary)
 

@@ -213,8 +213,26 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, data=data, teacher=t, student=student, run=run)
 
 
-def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
-    """Read and check a recipe file; `out` overrides run.out (command line over file)."""
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Command-line `section.key=value` settings over the file's (value in TOML syntax, else a bare string)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. rank.pairs=best-vs-worst")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise UserError(f"[{section}]: expected a table")
+        table[name] = value
+    return data
+
+
+def load_recipe(path: str | Path, out: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read and check a recipe file; `out` and `overrides` (section.key=value) win over the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe not found")
@@ -224,7 +242,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         raise UserError(f"{path}: not valid UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
-    recipe = parse_recipe(data, str(path))
+    recipe = parse_recipe(apply_overrides(data, overrides or []), str(path))
     if out:
         recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, out=out))
     return recipe

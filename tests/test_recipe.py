@@ -60,3 +60,13 @@ def test_every_shipped_recipe_is_valid():
     assert len(recipes) >= 4
     algos = {load_recipe(r).train.algo for r in recipes}
     assert {"dpo", "grpo", "ldl", "listmle"} <= algos
+
+
+def test_command_line_overrides_win_and_are_checked(tmp_path):
+    path = write(tmp_path, '[data]\nprompts = "p.jsonl"\n[rank]\npairs = "both"\n')
+    r = load_recipe(path, overrides=["rank.pairs=best-vs-worst", "sample.k=6", "lora.targets=[\"q_proj\"]"])
+    assert (r.rank.pairs, r.sample.k, r.lora.targets) == ("best-vs-worst", 6, ["q_proj"])
+    with pytest.raises(UserError, match="sample.k"):
+        load_recipe(path, overrides=["sample.k=0"])
+    with pytest.raises(UserError, match="expected section.key=value"):
+        load_recipe(path, overrides=["k=3"])
