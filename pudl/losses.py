@@ -89,4 +89,21 @@ def grpo(token_logps: mx.array, batch: TrainBatch, cfg) -> tuple[mx.array, dict]
     return loss, metrics
 
 
-LOSSES = {"dpo": dpo, "grpo": grpo, "ldl": ldl, "listmle": listmle}
+def with_anchor_nll(loss_fn):
+    """Add `anchor_nll` x the mean per-token NLL of the anchor sequences in the batch (if any)."""
+
+    def wrapped(token_logps: mx.array, batch: TrainBatch, cfg) -> tuple[mx.array, dict]:
+        loss, metrics = loss_fn(token_logps, batch, cfg)
+        is_anchor = batch.extras.get("is_anchor")
+        if cfg.anchor_nll > 0 and is_anchor is not None:
+            lengths = mx.maximum(batch.seqs.mask.sum(axis=1), 1)
+            nll = -(token_logps.sum(axis=1) / lengths * is_anchor).sum() / mx.maximum(is_anchor.sum(), 1)
+            loss = loss + cfg.anchor_nll * nll
+            metrics = {**metrics, "nll/anchor": nll}
+        return loss, metrics
+
+    wrapped.__doc__ = loss_fn.__doc__
+    return wrapped
+
+
+LOSSES = {name: with_anchor_nll(fn) for name, fn in {"dpo": dpo, "grpo": grpo, "ldl": ldl, "listmle": listmle}.items()}

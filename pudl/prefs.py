@@ -84,6 +84,10 @@ def needed_references(algo: str, pairs: list[Pair], groups: list[Group]) -> list
     return list(dict.fromkeys(keys))
 
 
+def _anchor_flags(keys: list[tuple[str, int]]) -> mx.array:
+    return mx.array(np.array([idx == ANCHOR_IDX for _, idx in keys], np.float32))
+
+
 def _fits(seqs, max_len: int) -> bool:
     return max(len(c) + len(y) for c, y in seqs) <= max_len
 
@@ -105,7 +109,8 @@ def dpo_batches(pairs: list[Pair], refs: dict, comp: Completions, cfg, seed: int
     for chunk in _epochs(usable, cfg, seed):
         keys = [(p.prompt_id, i) for p in chunk for i in (p.chosen_idx, p.rejected_idx)]
         ref = np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)
-        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys]), {"ref_logps": mx.array(ref)}, len(chunk)))
+        extras = {"ref_logps": mx.array(ref), "is_anchor": _anchor_flags(keys)}
+        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys]), extras, len(chunk)))
     return batches, len(pairs) - len(usable)
 
 
@@ -128,6 +133,7 @@ def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed:
         extras = {
             "ref_logps": mx.array(np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)),
             "slots": mx.array(slots), "scores": mx.array(scores), "group_mask": mx.array(valid),
+            "is_anchor": _anchor_flags(keys),
         }
         if cfg.algo == "grpo":
             adv = np.array(grpo_advantages(mx.array(scores), mx.array(valid), scale_by_std=cfg.scale_by_std))

@@ -89,6 +89,9 @@ class TrainConfig:
     clip_eps: float = _f(0.2, "grpo: importance-ratio clip range", min=0.0, max=0.99)
     scale_by_std: bool = _f(True, "grpo: divide group-relative advantages by the group's std")
     norm: str = _f("token", "grpo: average over all tokens, or per sequence then over sequences", choices=NORMS)
+    anchor_nll: float = _f(0.0, "weight of an NLL term on the anchor (the labelled positive) wherever it is "
+                          "trained on: keeps its likelihood from falling while the ranking loss pushes others down",
+                          min=0.0, max=100.0)
     include_anchor: bool = _f(True, "grpo/ldl/listmle: the anchor joins each group as the labelled positive")
     learning_rate: float = _f(1e-4, "AdamW learning rate", min=0.0, max=1.0)
     epochs: int = _f(2, "passes over each round's pairs or groups", min=1, max=1000)

@@ -205,6 +205,7 @@ class Sampler:
         params.n_seq_max = n_seq
         params.kv_unified = True  # one cell pool: a prompt's K sequences share its cells
         params.flash_attn_type = int(os.environ.get("FA", "-1"))
+        params.type_k = params.type_v = int(os.environ.get("KVT", "1"))
         params.n_threads = params.n_threads_batch = self.threads
         with quiet_stderr():
             self.ctx = llama_cpp.llama_init_from_model(self.model, params)

@@ -118,3 +118,18 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(setup, tmp_path):
         train(student, batches, poisoned, cfg, checkpoint_dir=tmp_path, fingerprint="t", checkpoint_every=2,
               on_step=count)
     assert (tmp_path / "checkpoint.json").read_text().count('"step": 2') == 1
+
+
+def test_anchor_nll_raises_the_anchor_likelihood(setup, tmp_path):
+    from dataclasses import replace as dc_replace
+
+    path, tok, prompts, anchors, cands = setup
+    student, comp, cfg, batches = prepared(setup, "dpo")
+    anchor_seqs = [comp.sequence(p.id, ANCHOR_IDX) for p in prompts]
+    before = np.mean([t.mean() for t in completion_logprobs(student, anchor_seqs)])
+    cfg = dc_replace(cfg, anchor_nll=5.0, epochs=1)
+    rows = []
+    train(student, batches, LOSSES["dpo"], cfg, checkpoint_dir=tmp_path, fingerprint="n",
+          on_step=lambda s, r: rows.append(r))
+    after = np.mean([t.mean() for t in completion_logprobs(student, anchor_seqs)])
+    assert "nll/anchor" in rows[0] and after > before + 0.5
