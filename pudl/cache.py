@@ -7,6 +7,7 @@ stage fingerprint so a changed recipe recomputes what depends on the change and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pudl.errors import UserError
+from pudl.errors import UserError, write_failed
 
 SCHEMA_VERSION = 1
 
@@ -98,11 +99,24 @@ class Cache:
             raise UserError(f"{self.path}: not a pudl cache ({e})") from None
         if version is not None and version != SCHEMA_VERSION:
             raise UserError(f"{self.path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}")
-        with self.db:
+        with self._write():
             self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         if fresh:
             os.chmod(self.path, 0o600)
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One transaction. A full disk (or any failed write) rolls it back, so nothing committed before is lost,
+        and becomes one line naming the cache file."""
+        try:
+            with self.db:
+                yield
+        except sqlite3.OperationalError as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+                raise UserError(write_failed(self.path, e)) from None
+            raise
 
     def _schema_version(self) -> int | None:
         has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
@@ -116,7 +130,7 @@ class Cache:
 
     # prompts and anchors -------------------------------------------------------------------------
     def put_prompts(self, prompts):
-        with self.db:
+        with self._write():
             self.db.executemany(
                 "INSERT OR REPLACE INTO prompts VALUES (?, ?, ?, ?)",
                 [(p.id, p.prompt, p.system, p.answer) for p in prompts],
@@ -127,12 +141,12 @@ class Cache:
 
     def put_anchor(self, prompt_id: str, anchor: str, teacher: str):
         """Commit one anchor at once: a crash after this never asks the teacher for it again."""
-        with self.db:
+        with self._write():
             self.db.execute("INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?)", (prompt_id, anchor, teacher, time.time()))
             self.db.execute("DELETE FROM teacher_failures WHERE prompt_id=?", (prompt_id,))
 
     def put_teacher_failure(self, prompt_id: str, error: str):
-        with self.db:
+        with self._write():
             self.db.execute("INSERT OR REPLACE INTO teacher_failures VALUES (?, ?, ?)", (prompt_id, error, time.time()))
 
     def teacher_failures(self) -> dict[str, str]:
@@ -140,20 +154,36 @@ class Cache:
 
     # stages --------------------------------------------------------------------------------------
     def stage_done(self, round_: int, stage: str, fingerprint: str) -> bool:
-        row = self.db.execute("SELECT fingerprint FROM stages WHERE round=? AND stage=?", (round_, stage)).fetchone()
-        return row is not None and row[0] == fingerprint
+        return self.stage_state(round_, stage, fingerprint) == "done"
+
+    def stage_state(self, round_: int, stage: str, fingerprint: str) -> str:
+        """'done' (finished with this fingerprint), 'started' (begun with it, interrupted), 'other' (recorded
+        under another fingerprint: its rows came from other inputs) or 'none'."""
+        row = self.db.execute("SELECT fingerprint, finished FROM stages WHERE round=? AND stage=?",
+                              (round_, stage)).fetchone()
+        if row is None:
+            return "none"
+        if row[0] != fingerprint:
+            return "other"
+        return "done" if row[1] > 0 else "started"
+
+    def start_stage(self, round_: int, stage: str, fingerprint: str):
+        """Record the fingerprint a stage is being computed under (finished = 0), so a run resumed with a changed
+        recipe knows the rows it finds came from other inputs."""
+        with self._write():
+            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, 0)", (round_, stage, fingerprint))
 
     def stage_recorded(self, round_: int, stage: str) -> bool:
         return self.db.execute("SELECT 1 FROM stages WHERE round=? AND stage=?", (round_, stage)).fetchone() is not None
 
     def finish_stage(self, round_: int, stage: str, fingerprint: str):
-        with self.db:
+        with self._write():
             self.db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?)", (round_, stage, fingerprint, time.time()))
 
     def clear_from(self, round_: int, stage: str):
         """Forget `stage` and every later stage of this round and all later rounds (their inputs changed)."""
         later = STAGES[STAGES.index(stage):]
-        with self.db:
+        with self._write():
             for s in later:
                 for table in STAGE_TABLES[s]:
                     self.db.execute(f"DELETE FROM {table} WHERE round=?", (round_,))  # noqa: S608 (fixed names)
@@ -164,7 +194,7 @@ class Cache:
     # candidates ----------------------------------------------------------------------------------
     def put_candidates(self, round_: int, candidates: list[Candidate]):
         """Store all candidates of one prompt in one transaction."""
-        with self.db:
+        with self._write():
             self.db.executemany(
                 "INSERT OR REPLACE INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -194,7 +224,7 @@ class Cache:
         rows = [(round_, prompt_id, i, scorer, float(s), int(r)) for i, (s, r) in enumerate(zip(scores, ranks))]
         if anchor_score is not None:
             rows.append((round_, prompt_id, ANCHOR_IDX, scorer, float(anchor_score), -1))
-        with self.db:
+        with self._write():
             self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)", rows)
             self.db.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?)", (round_, prompt_id, status))
 
@@ -223,7 +253,7 @@ class Cache:
 
     # pairs ---------------------------------------------------------------------------------------
     def put_pairs(self, round_: int, pairs: list[Pair]):
-        with self.db:
+        with self._write():
             self.db.executemany(
                 "INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(round_, p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin, p.ref_chosen, p.ref_rejected)
@@ -238,7 +268,7 @@ class Cache:
 
     # reference log-probs (adapter disabled), per completion token; idx ANCHOR_IDX = the anchor ----------
     def put_references(self, round_: int, rows: list[tuple[str, int, np.ndarray]]):
-        with self.db:
+        with self._write():
             self.db.executemany(
                 "INSERT OR REPLACE INTO references_ VALUES (?, ?, ?, ?)",
                 [(round_, pid, idx, np.asarray(t, np.float32).tobytes()) for pid, idx, t in rows],

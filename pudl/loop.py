@@ -7,14 +7,18 @@ resumes what was interrupted, and recomputes only what a changed recipe invalida
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from pudl import adapters
 from pudl.cache import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Cache, Pair, fingerprint
@@ -23,13 +27,13 @@ from pudl.evaluate import evaluate, ranker_agreement
 from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references
-from pudl.prompts import Prompt, load_prompts
+from pudl.prompts import Prompt, chat_messages, load_prompts
 from pudl.recipe import SCORERS, Recipe
 from pudl.report import Reporter, write_json
 from pudl.sampler import Sampler
 from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
 from pudl.sequences import completion_logprobs
-from pudl.teachers import make_teacher
+from pudl.teachers import Teacher, make_teacher
 from pudl.train import train
 
 SCORE_CHUNK = 4  # prompts scored (and committed) together
@@ -67,8 +71,25 @@ class Run:
         self.eval_prompts = load_prompts(recipe.data.eval) if recipe.data.eval else []
         self.model_path = resolve_model_path(recipe.student.model)
         self.tokenizer = Tokenizer(self.model_path)
+        self.usable, self.too_long = self._fitting(self.prompts, "training")
+        self.eval_prompts, _ = self._fitting(self.eval_prompts, "held-out")
         self.teacher_calls = 0
+        self.failures: dict[str, str] = {}
+        self.stages: dict[str, dict[str, str]] = {}  # round -> stage -> computed | resumed | reused | extended | recomputed
         self._student = None
+
+    def _fitting(self, prompts: list[Prompt], what: str) -> tuple[list[Prompt], list[str]]:
+        """The prompts whose chat context leaves the sampler room in student.n_ctx, and the ids of the others,
+        which are skipped with a warning: one over-long prompt must not stop a run over thousands."""
+        n_ctx = self.recipe.student.n_ctx
+        keep, skipped = [], []
+        for p in prompts:
+            (keep if len(self.tokenizer.chat_tokens(chat_messages(p))) + 1 < n_ctx else skipped).append(p)
+        if skipped:
+            self.rep.say(f"[yellow]{len(skipped)} {what} prompt(s) do not fit student.n_ctx={n_ctx} tokens and are "
+                         f"skipped (first: {escape(skipped[0].id)})")
+            self.rep.log("skipped", prompts=what, reason=f"longer than student.n_ctx={n_ctx}", ids=[p.id for p in skipped])
+        return keep, [p.id for p in skipped]
 
     @property
     def student(self):
@@ -83,28 +104,33 @@ class Run:
 
     # teacher -------------------------------------------------------------------------------------
     def collect_anchors(self) -> dict[str, str]:
-        """Ask the teacher for every prompt without a cached anchor, committing each answer at once."""
+        """Ask the teacher for every usable prompt without a cached anchor, committing each answer as it arrives
+        (a crash never costs a stored answer); a prompt the teacher fails is recorded and retried by the next run."""
         self.cache.put_prompts(self.prompts)
         anchors = self.cache.anchors()
-        missing = [p for p in self.prompts if p.id not in anchors]
+        missing = [p for p in self.usable if p.id not in anchors]
         if missing:
             t = self.recipe.teacher
             teacher = make_teacher(t.backend, base_url=t.base_url or None, model=t.model or None,
                                    api_key_env=t.api_key_env or None, path=t.path or None,
-                                   max_tokens=t.max_tokens, temperature=t.temperature)
+                                   max_tokens=t.max_tokens, temperature=t.temperature, timeout_s=t.timeout_s,
+                                   max_retries=t.max_retries, backoff_s=t.backoff_s)
+            workers = t.max_concurrency if t.backend == "openai" else 1  # the others answer locally, one at a time
             with self.rep.phase("teacher", len(missing)) as advance:
-                for p in missing:
+                for p, answer in _ask_all(teacher, missing, workers):
                     self.teacher_calls += 1
-                    try:
-                        self.cache.put_anchor(p.id, teacher.answer(p), teacher.name)
-                    except TeacherError as e:
-                        self.cache.put_teacher_failure(p.id, str(e))
+                    if isinstance(answer, TeacherError):
+                        self.cache.put_teacher_failure(p.id, str(answer))
+                    else:
+                        self.cache.put_anchor(p.id, answer, teacher.name)
                     advance()
-        failures = self.cache.teacher_failures()
-        if failures:
-            self.rep.say(f"[yellow]teacher failed for {len(failures)} prompt(s); they are skipped this run "
-                         f"and retried by the next (first: {next(iter(failures.items()))})")
-        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(self.cache.anchors()), failures=len(failures))
+        ids = {p.id for p in self.usable}
+        self.failures = {pid: e for pid, e in self.cache.teacher_failures().items() if pid in ids}
+        if self.failures:
+            pid, error = next(iter(self.failures.items()))
+            self.rep.say(f"[yellow]teacher failed for {len(self.failures)} prompt(s); they are skipped this run "
+                         f"and retried by the next (first: {escape(pid)}: {escape(error)})")
+        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(self.cache.anchors()), failures=len(self.failures))
         return self.cache.anchors()
 
     # evaluation ----------------------------------------------------------------------------------
@@ -133,17 +159,33 @@ class Run:
         return result
 
     # one round -----------------------------------------------------------------------------------
-    def stage(self, round_: int, name: str, fp: str) -> bool:
-        """True when this stage is already done with this fingerprint; else clear what it left behind."""
-        if self.cache.stage_done(round_, name, fp):
-            return True
-        if self.cache.stage_recorded(round_, name):
-            self.rep.say(f"round {round_}: recipe changed since '{name}' ran; recomputing it and what follows")
+    def stage(self, round_: int, name: str, fp: str, missing: int = 0) -> bool:
+        """True when this stage is done with this fingerprint (and `missing` prompts are 0); else get it ready to
+        run: rows of an interrupted run with the same fingerprint are kept (resume), rows made from other inputs
+        are cleared with this stage's later ones. Per-prompt stages (sample, score) whose fingerprint matches
+        keep their rows and only add the `missing` prompts (e.g. ones whose anchor arrived since)."""
+        state = self.cache.stage_state(round_, name, fp)
+        if state == "done" and not missing:
+            return self._note(round_, name, "reused", True)
+        if state == "other":
+            self.rep.say(f"round {round_}: the recipe or the prompts changed since '{name}' ran; "
+                         "recomputing it and what follows")
             self.cache.clear_from(round_, name)
-        return False
+        self.cache.start_stage(round_, name, fp)  # a crash from here on resumes under this fingerprint, or clears
+        status = {"done": "extended", "started": "resumed", "other": "recomputed"}.get(state, "computed")
+        return self._note(round_, name, status, False)
+
+    def _note(self, round_: int, name: str, status: str, result: bool) -> bool:
+        """Say what happened to a stage (summary.json "stages", a metrics row, and a line unless quiet)."""
+        self.stages.setdefault(str(round_), {})[name] = status
+        self.rep.log("stage", round=round_, stage=name, status=status)
+        if status in ("reused", "extended", "resumed"):
+            self.rep.say(f"round {round_}: '{name}' {status} from the cache")
+        return result
 
     def sample(self, round_: int, prompts: list[Prompt], adapter: Path | None, fp: str):
-        if self.stage(round_, "sample", fp):
+        sampled = self.cache.sampled_prompt_ids(round_)
+        if self.stage(round_, "sample", fp, missing=sum(p.id not in sampled for p in prompts)):
             return
         todo = [p for p in prompts if p.id not in self.cache.sampled_prompt_ids(round_)]
         sampler = self.sampler(adapter)
@@ -159,7 +201,8 @@ class Run:
         self.cache.finish_stage(round_, "sample", fp)
 
     def score(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
-        if self.stage(round_, "score", fp):
+        scored = self.cache.scored_prompt_ids(round_, SCORERS[0])
+        if self.stage(round_, "score", fp, missing=sum(p.id not in scored for p in prompts)):
             return
         candidates = self.cache.candidates(round_)
         done = self.cache.scored_prompt_ids(round_, SCORERS[0])
@@ -235,37 +278,104 @@ class Run:
                 advance()
 
             result = train(self.student, batches, LOSSES[t.algo], t, checkpoint_dir=round_dir, fingerprint=fp,
-                           on_step=on_step)
+                           checkpoint_every=t.checkpoint_every, on_step=on_step)
         if result.resumed_from:
             self.rep.say(f"round {round_}: training resumed from step {result.resumed_from}")
-        with self.rep.phase("export", 1, round_) as advance:
+        with self.rep.phase("export", 2, round_) as advance:
             adapters.save_adapter(self.student, adapter_path)
+            advance()
             adapters.write_gguf_lora(self.student, round_dir / "adapter.gguf")
             advance()
         self.cache.finish_stage(round_, "train", fp)
         return round_dir / "adapter.gguf"
 
 
+def _ask_all(teacher: Teacher, prompts: list[Prompt], workers: int):
+    """Yield (prompt, anchor or TeacherError) as answers arrive, with at most `workers` requests in flight.
+
+    The caller commits each one in this thread (SQLite connections stay in their thread). A UserError (e.g. a
+    rejected key) stops the phase: queued prompts are cancelled, answers already committed stay."""
+    def ask(p: Prompt):
+        try:
+            return teacher.answer(p)
+        except TeacherError as e:
+            return e
+
+    if workers == 1:
+        for p in prompts:
+            yield p, ask(p)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="teacher")
+    try:
+        futures = {pool.submit(ask, p): p for p in prompts}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_hook(rep: Reporter) -> Reporter:
+    """PUDL_TEST_KILL_AT="phase:N" SIGKILLs this process right after the N-th item of that phase (counted over
+    rounds) is done: teacher, sample and score items are prompts (committed), train items are optimizer steps
+    (before that step's checkpoint), export items are the two adapter files. The crash tests use it to kill a
+    real run at a chosen moment; nothing else reads it."""
+    spec = os.environ.get("PUDL_TEST_KILL_AT")
+    if not spec:
+        return rep
+    target, _, n = spec.rpartition(":")
+    phase, done = rep.phase, 0
+
+    @contextlib.contextmanager
+    def killing_phase(name, total, round_=None):
+        with phase(name, total, round_) as advance:
+            def step(k=1):
+                nonlocal done
+                advance(k)
+                if name == target:
+                    done += k
+                    if done >= int(n):
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+            yield step
+
+    rep.phase = killing_phase
+    return rep
+
+
 def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
     """Run a recipe to the end (resuming from the cache) and return the summary."""
+    previous = os.umask(0o077)  # all the run writes is user-only: prompts, anchors, adapters, logs
+    try:
+        return _run(recipe, reporter_factory)
+    finally:
+        os.umask(previous)
+
+
+def _run(recipe: Recipe, reporter_factory) -> dict:
     run_dir = Path(recipe.run.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     t0 = time.perf_counter()
     with RunLock(run_dir):
-        rep = reporter_factory(run_dir)
+        rep = _kill_hook(reporter_factory(run_dir))
         state = Run(recipe, rep)
+        if not state.usable:
+            raise UserError(f"{recipe.data.prompts}: no prompt fits student.n_ctx={recipe.student.n_ctx} tokens")
         anchors = state.collect_anchors()
-        prompts = [p for p in state.prompts if p.id in anchors]
+        prompts = [p for p in state.usable if p.id in anchors]
         if not prompts:
-            raise UserError("no prompt has an anchor: the teacher failed for all of them")
+            first = next(iter(state.failures.items()), ("?", "?"))
+            raise UserError(f"no prompt has an anchor: the teacher failed for all {len(state.failures)} "
+                            f"(first: {first[0]}: {first[1]})")
         base_key = fingerprint(str(state.model_path), recipe.section_dict("lora"), recipe.run.seed)
         before = state.evaluate("before", None, base_key, anchors)
         prev_fp, adapter, rounds = base_key, None, []
         for round_ in range(1, recipe.run.rounds + 1):
-            fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"), [p.id for p in prompts])
+            # Samples and scores are per prompt (a prompt whose anchor arrives later only adds rows); pairs and
+            # what follows depend on the whole set of prompts.
+            fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"))
             fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
-            fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo)
+            fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo, [p.id for p in prompts])
             fp_train = fingerprint(fp_prefs, recipe.section_dict("train", "lora"))
             state.sample(round_, prompts, adapter, fp_sample)
             state.score(round_, prompts, anchors, fp_score)
@@ -286,7 +396,10 @@ def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
             "rounds": recipe.run.rounds,
             "prompts": len(state.prompts),
             "teacher_calls": state.teacher_calls,
-            "teacher_failures": len(state.cache.teacher_failures()),
+            "teacher_failures": len(state.failures),
+            "teacher_failed": state.failures,  # prompt id -> last error; the next run asks again
+            "skipped_too_long": state.too_long,
+            "stages": state.stages,
             "cache": state.cache.counts(),
             "before": _brief(before),
             "after": _brief(after),

@@ -52,6 +52,13 @@ class TeacherConfig:
     path: str = _f("", "llamacpp: teacher GGUF; jsonl: anchors file")
     max_tokens: int = _f(256, "longest anchor the teacher may write", min=1, max=32768)
     temperature: float = _f(0.0, "teacher sampling temperature", min=0.0, max=2.0)
+    max_concurrency: int = _f(4, "openai: requests in flight at once (each anchor is committed as it arrives)",
+                              min=1, max=256)
+    timeout_s: float = _f(60.0, "openai: seconds to wait for one reply", min=0.1, max=3600.0)
+    max_retries: int = _f(4, "openai: retries of a transient failure (timeout, 429, 5xx, bad reply) per prompt",
+                          min=0, max=20)
+    backoff_s: float = _f(1.0, "openai: first retry delay; doubles per retry, with jitter, capped at 30 s",
+                          min=0.0, max=60.0)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,9 @@ class TrainConfig:
     batch_size: int = _f(4, "pairs (dpo) or prompt groups (listwise) per optimizer step", min=1, max=4096)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0, max=1.0)
     max_seq_len: int = _f(256, "longest prompt + completion trained on (longer pairs are skipped)", min=8)
+    # How often progress is saved does not change what is learned: not part of the stage fingerprint.
+    checkpoint_every: int = _f(50, "save LoRA + optimizer state every N steps (and at the end) for resume",
+                               min=1, fingerprint=False)
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,8 @@ class Recipe:
 
     def section_dict(self, *names: str) -> dict:
         """The named sections as plain dicts (used to fingerprint what a cached stage depended on)."""
-        return {n: dataclasses.asdict(getattr(self, n)) for n in names}
+        return {n: {f.name: getattr(getattr(self, n), f.name) for f in dataclasses.fields(getattr(self, n))
+                    if f.metadata.get("fingerprint", True)} for n in names}
 
 
 SECTIONS = {name: cls for name, cls in typing.get_type_hints(Recipe).items() if name != "path"}
