@@ -92,13 +92,17 @@ class Cache:
         fresh = not self.path.exists()
         try:
             self.db = sqlite3.connect(self.path, timeout=30.0)
+            version = self._schema_version()  # before anything writes: a foreign cache is left byte for byte
+            if version is not None and version != SCHEMA_VERSION:
+                self.db.close()
+                raise UserError(f"{self.path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}; "
+                                "use the pudl that wrote it, or another run directory (run.out / --out)")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            version = self._schema_version()
         except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+                raise UserError(write_failed(self.path, e)) from None
             raise UserError(f"{self.path}: not a pudl cache ({e})") from None
-        if version is not None and version != SCHEMA_VERSION:
-            raise UserError(f"{self.path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}")
         with self._write():
             self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

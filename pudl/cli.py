@@ -6,27 +6,39 @@ get the fast BLAS without doing anything (the process re-executes itself with Op
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import signal
 import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from pudl.errors import UserError
+from pudl.errors import UserError, write_failed
 
 err_console = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Print UserError as one red line and exit 2 (no traceback)."""
+    """Print UserError (and a full disk) as one red line and exit 2 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: a path or a server's reply may hold [brackets] that rich would take for markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            # writers that do not name their file (logs, JSON): shutil puts the destination in filename2
+            where = e.filename2 or e.filename or "a file in the run directory"
+            err_console.print(f"[bold red]error:[/] {escape(write_failed(where, e))}", highlight=False,
+                              soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted: everything finished so far is in the cache; rerun to resume")
@@ -59,11 +71,12 @@ def run(recipe, out, overrides, quiet):
     Everything is cached in the run directory: rerunning the same recipe resumes where it stopped and
     never asks the teacher again for a prompt it already answered.
     """
-    from pudl.loop import run as run_recipe
     from pudl.recipe import load_recipe
+
+    r = load_recipe(recipe, out, list(overrides))  # before the heavy imports: a bad recipe fails at once
+    from pudl.loop import run as run_recipe
     from pudl.report import Reporter
 
-    r = load_recipe(recipe, out, list(overrides))
     summary = run_recipe(r, lambda d: Reporter(d, err_console, quiet=quiet))
     _print_summary(summary)
 
@@ -73,6 +86,13 @@ def _print_summary(summary: dict):
     b, a = summary.get("before") or {}, summary.get("after") or {}
     console.print(f"[bold]run finished[/] in {summary['wall_seconds']:.0f} s · teacher calls this run: "
                   f"{summary['teacher_calls']} · adapter: {summary['adapter']}")
+    failed, too_long = summary.get("teacher_failed") or {}, summary.get("skipped_too_long") or []
+    if failed:
+        console.print(f"[yellow]teacher failed for {len(failed)} prompt(s), left out of this run; rerun to ask "
+                      f"again: {escape(', '.join(sorted(failed)))} (errors in summary.json)", highlight=False)
+    if too_long:
+        console.print(f"[yellow]{len(too_long)} prompt(s) longer than student.n_ctx skipped: "
+                      f"{escape(', '.join(too_long))}", highlight=False)
     for key in ("strict_accuracy", "lenient_accuracy", "anchor_score"):
         if key in b or key in a:
             console.print(f"  held-out {key:<17} before {b.get(key, float('nan')):.3f}  after {a.get(key, float('nan')):.3f}")
@@ -184,6 +204,9 @@ def entry():
     """Console-script entry: fix BLAS first (may re-exec), then run the click group."""
     from pudl.hardware import ensure_fast_blas
 
+    # Over a file-size limit (ulimit -f) a write fails with EFBIG, reported like a full disk, instead of the
+    # signal killing the process mid-write.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     ensure_fast_blas()
     main()
 

@@ -255,7 +255,10 @@ class Tokenizer:
     def __init__(self, gguf_path: Path):
         from pudl.llamacpp import open_llama
 
-        self.llm = open_llama(gguf_path, vocab_only=True)
+        try:
+            self.llm = open_llama(gguf_path, vocab_only=True)
+        except ValueError:  # llama-cpp-python's "Failed to load model": a truncated or damaged file
+            raise UserError(f"student.model: llama.cpp cannot load {gguf_path} (truncated or damaged GGUF?)") from None
         self.metadata = self.llm.metadata
         self.eos_id = self.llm.token_eos()
         self.bos_id = self.llm.token_bos()

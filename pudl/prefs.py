@@ -18,6 +18,9 @@ from pudl.prompts import Prompt, chat_messages
 from pudl.sequences import aligned, pack
 
 
+PAD_MULTIPLE = 16  # batch widths are rounded up so the compiled training step sees few distinct shapes
+
+
 @dataclass(frozen=True)
 class Group:
     """One prompt's ranked members (candidate indices, ANCHOR_IDX for the anchor) and their scores."""
@@ -110,7 +113,7 @@ def dpo_batches(pairs: list[Pair], refs: dict, comp: Completions, cfg, seed: int
         keys = [(p.prompt_id, i) for p in chunk for i in (p.chosen_idx, p.rejected_idx)]
         ref = np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)
         extras = {"ref_logps": mx.array(ref), "is_anchor": _anchor_flags(keys)}
-        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys]), extras, len(chunk)))
+        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE), extras, len(chunk)))
     return batches, len(pairs) - len(usable)
 
 
@@ -129,7 +132,7 @@ def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed:
             k = len(g.members)
             slots[row, :k], scores[row, :k], valid[row, :k] = np.arange(n, n + k), g.scores, 1.0
             n += k
-        seqs = pack([comp.sequence(*k) for k in keys])
+        seqs = pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE)
         extras = {
             "ref_logps": mx.array(np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)),
             "slots": mx.array(slots), "scores": mx.array(scores), "group_mask": mx.array(valid),

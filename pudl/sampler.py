@@ -229,11 +229,13 @@ class Sampler:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.eog = _end_of_generation_ids(self.model, tokenizer)
 
-    def _context(self, n_seq: int, kv_cells: int):
-        """A context with at least `n_seq` sequences and `kv_cells` cells (the previous one when it is big enough)."""
+    def _context(self, n_seq: int, kv_cells: int, n_batch: int):
+        """A context with at least `n_seq` sequences, `kv_cells` cells and `n_batch` tokens a batch (the previous
+        one when it is big enough)."""
         import llama_cpp
 
-        if self.ctx and n_seq <= self.n_seq and kv_cells <= self.kv_cells:
+        kv_cells = max(kv_cells, n_batch)  # llama.cpp caps a batch at the cache size
+        if self.ctx and n_seq <= self.n_seq and kv_cells <= self.kv_cells and n_batch <= self.batch.capacity:
             llama_cpp.llama_memory_clear(self.memory, False)
             return
         if self.ctx:
@@ -241,7 +243,7 @@ class Sampler:
             self.ctx = None
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_cells
-        params.n_batch = self.n_ctx + n_seq  # room for one whole prompt next to every live sequence's step
+        params.n_batch = n_batch
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
         params.kv_unified = True  # one cell pool: a prompt's K sequences share its cells
@@ -260,7 +262,7 @@ class Sampler:
                 raise UserError("llama.cpp cannot apply the LoRA adapter")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_seq, self.kv_cells = n_seq, llama_cpp.llama_n_ctx(self.ctx)
-        self.batch = _Batch(params.n_batch)
+        self.batch = _Batch(llama_cpp.llama_n_batch(self.ctx))
 
     def close(self):
         """Free the context, adapter and model (idempotent)."""
@@ -306,7 +308,8 @@ class Sampler:
             max_new = min(max_tokens, self.n_ctx - len(context))
             groups.append(_Group(prompt, seed, context, max_new, [], len(context) - len(prefix) + k * max_new))
         in_flight = max(1, min((n_seq - bool(prefix)) // k, len(groups)))  # prompts at once, all the longest
-        self._context(n_seq, len(prefix) + in_flight * max(g.cells for g in groups))
+        longest = max(map(len, contexts))  # a batch holds a whole prompt next to every live sequence's step
+        self._context(n_seq, len(prefix) + in_flight * max(g.cells for g in groups), longest + n_seq)
         free_ids = list(range(self.n_seq - 1, -1, -1))
         free_cells = self.kv_cells - len(prefix)
         batch = self.batch
@@ -393,9 +396,13 @@ class SequentialSampler:
 
     def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,
                  threads: int = 0):
+        import llama_cpp
+
         kwargs = {"lora_path": str(adapter_path)} if adapter_path is not None else {}
-        self.llm = open_llama(gguf_path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                              n_batch=min(512, n_ctx), **kwargs)
+        # The batched sampler's attention arithmetic, so the two agree as far as their weights do.
+        self.llm = open_llama(gguf_path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_batch=min(512, n_ctx),
+                              flash_attn=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                              **kwargs)
         self.n_vocab = self.llm.n_vocab()
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx

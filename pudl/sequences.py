@@ -27,9 +27,10 @@ class SeqBatch:
         return int(self.inputs.size)
 
 
-def pack(sequences: list[tuple[list[int], list[int]]]) -> SeqBatch:
-    """Pack (context ids, completion ids) pairs into one right-padded batch."""
+def pack(sequences: list[tuple[list[int], list[int]]], multiple: int = 1) -> SeqBatch:
+    """Pack (context ids, completion ids) pairs into one right-padded batch (width rounded up to `multiple`)."""
     width = max(len(c) + len(y) for c, y in sequences) - 1
+    width = -(-width // multiple) * multiple
     inputs = np.zeros((len(sequences), width), np.int32)
     targets = np.zeros((len(sequences), width), np.int32)
     mask = np.zeros((len(sequences), width), np.float32)

@@ -22,6 +22,9 @@ class OpenAIServer:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self._faults: deque[tuple[str, dict]] = deque()
+        self._sticky: dict[str, tuple[str, dict]] = {}  # prompt substring -> fault for every such request
+        self.in_flight = self.peak_in_flight = 0  # chat requests being answered at once (concurrency limits)
+        self.delay_s = 0.0  # every good answer takes this long (lets concurrent requests overlap)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -43,8 +46,28 @@ class OpenAIServer:
         with self._lock:
             self._faults.extend([(fault, options)] * n)
 
-    def _next_fault(self) -> tuple[str, dict] | None:
+    def fail_prompts(self, substring: str, fault: str, **options) -> None:
+        """Answer every request whose last user message contains `substring` with `fault` (a permanent failure)."""
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}")
         with self._lock:
+            self._sticky[substring] = (fault, options)
+
+    def heal(self) -> None:
+        """Drop every queued and permanent fault."""
+        with self._lock:
+            self._faults.clear()
+            self._sticky.clear()
+
+    def answered(self) -> list[str]:
+        """The last user message of every request that got a good answer, in order."""
+        return [r["user"] for r in self.requests if r.get("fault") is None and "user" in r]
+
+    def _next_fault(self, user: str = "") -> tuple[str, dict] | None:
+        with self._lock:
+            for substring, fault in self._sticky.items():
+                if substring in user:
+                    return fault
             return self._faults.popleft() if self._faults else None
 
     def close(self) -> None:
@@ -103,15 +126,29 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw)
             except ValueError:
                 body = None
-            server.requests.append({"method": "POST", "path": self.path, "authorization": auth, "body": body})
+            record = {"method": "POST", "path": self.path, "authorization": auth, "body": body}
+            server.requests.append(record)
             if self.path != "/v1/chat/completions":
                 return self._send(404, b'{"error": "not found"}')
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 return self._send(400, b'{"error": "bad request"}')
             users = [m.get("content", "") for m in body["messages"] if m.get("role") == "user"]
-            good = self._completion(answer_for(users[-1] if users else ""))
-            fault = server._next_fault()
+            user = users[-1] if users else ""
+            good = self._completion(answer_for(user))
+            fault = server._next_fault(user)
+            record.update(user=user, fault=fault and fault[0])
+            with server._lock:
+                server.in_flight += 1
+                server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+            try:
+                self._reply(fault, good, auth)
+            finally:
+                with server._lock:
+                    server.in_flight -= 1
+
+        def _reply(self, fault, good: bytes, auth: str | None) -> None:
             if fault is None:
+                time.sleep(server.delay_s)
                 return self._send(200, good)
             kind, opt = fault
             if kind == "429":

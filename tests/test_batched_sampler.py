@@ -1,0 +1,227 @@
+"""The batched llama.cpp sampler: the sequential sampler's candidates, many prompts per decode, LoRA applied."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from pudl.adapters import write_gguf_lora
+from pudl.models import Tokenizer, load_student
+from pudl.prompts import Prompt, chat_messages
+from pudl.sampler import Sampler, SequentialSampler, _token_logprobs, log_softmax, prompt_seed
+from pudl.sequences import batch_token_logprobs, pack
+
+PROMPTS = [
+    Prompt("short", "Hi."),
+    Prompt("long", "Write a short poem about the sea, the wind and the sailors who cross it at night, in four lines."),
+    Prompt("system", "Name a color.", system="You answer with one word."),
+    Prompt("mid", "What is 2 + 2? Answer with just the number."),
+]
+NEAR_TIE = 0.05  # where batched arithmetic may flip the argmax: the two tokens' log-probs must be this close
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_gguf_f32):
+    return Tokenizer(tiny_gguf_f32)
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_gguf_f32, tok):
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=2)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_gguf_f32, tok):
+    s = SequentialSampler(tiny_gguf_f32, tok, n_ctx=256, threads=2)
+    yield s
+    s.close()
+
+
+def generate(sampler, prompts, k, temperature, max_tokens, seed=0, **kw):
+    """{prompt id: candidates} plus the order in which prompts were handed over."""
+    out, order = {}, []
+
+    def on_prompt(p, cands):
+        order.append(p.id)
+        out[p.id] = cands
+
+    sampler.generate([(p, prompt_seed(seed, 0, p.id)) for p in prompts], k, temperature, max_tokens,
+                     kw.get("top_k", 0), kw.get("top_p", 1.0), kw.get("min_p", 0.0), on_prompt)
+    return out, order
+
+
+def assert_same_tokens(a, b, logp_tol=1e-3):
+    """Same token ids and log-probs, except that a near-tie may flip the token at one step (then stop comparing)."""
+    n = min(len(a.token_ids), len(b.token_ids))
+    for i in range(n):
+        assert abs(a.logprobs[i] - b.logprobs[i]) < (NEAR_TIE if a.token_ids[i] != b.token_ids[i] else logp_tol)
+        if a.token_ids[i] != b.token_ids[i]:
+            return
+    assert a.token_ids.tolist() == b.token_ids.tolist() and a.finish == b.finish and a.text == b.text
+
+
+def test_greedy_batched_equals_sequential_with_prompts_of_different_lengths(batched, sequential, tok):
+    assert len({len(tok.chat_tokens(chat_messages(p))) for p in PROMPTS}) == len(PROMPTS)
+    got, order = generate(batched, PROMPTS, k=2, temperature=0.0, max_tokens=12)
+    assert sorted(order) == sorted(p.id for p in PROMPTS)
+    for p in PROMPTS:
+        ref = sequential.sample(p, 1, 0.0, 12, seed=0)[0]
+        assert [c.idx for c in got[p.id]] == [0, 1]
+        for c in got[p.id]:
+            assert c.prompt_id == p.id and len(c.token_ids) == len(c.logprobs) == 12 and c.finish == "length"
+            assert_same_tokens(c, ref)
+
+
+def test_quantized_gguf_kept_quantized_equals_sequential(tiny_gguf):
+    tok = Tokenizer(tiny_gguf)
+    b = Sampler(tiny_gguf, tok, n_ctx=256, threads=2, float_weights=False)
+    s = SequentialSampler(tiny_gguf, tok, n_ctx=256, threads=2)
+    try:
+        got, _ = generate(b, PROMPTS[:3], k=1, temperature=0.0, max_tokens=10)
+        for p in PROMPTS[:3]:
+            assert_same_tokens(got[p.id][0], s.sample(p, 1, 0.0, 10, seed=0)[0], logp_tol=0.02)
+    finally:
+        b.close()
+        s.close()
+
+
+def test_seeded_candidates_differ_reproduce_and_match_the_sequential_streams(batched, sequential):
+    kw = dict(k=4, temperature=1.0, max_tokens=10)
+    first, _ = generate(batched, PROMPTS, seed=7, **kw)
+    again, _ = generate(batched, PROMPTS[::-1], seed=7, **kw)  # order and batch mates do not matter
+    other, _ = generate(batched, PROMPTS, seed=8, **kw)
+    for p in PROMPTS:
+        ids = [c.token_ids.tolist() for c in first[p.id]]
+        assert len({tuple(x) for x in ids}) > 1
+        assert ids == [c.token_ids.tolist() for c in again[p.id]]
+        assert ids != [c.token_ids.tolist() for c in other[p.id]]
+        # Candidate idx draws from its own stream, so the sequential sampler samples the same candidates.
+        for b, s in zip(first[p.id], sequential.sample(p, 4, 1.0, 10, seed=prompt_seed(7, 0, p.id))):
+            assert_same_tokens(b, s)
+
+
+def test_stops_early_while_others_run_to_max_tokens_and_hands_over_each_prompt_when_done(tiny_gguf_f32, tok):
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=2, sequences=5)  # two prompts of K=2 in flight
+    eog = s.eog
+    try:
+        greedy, _ = generate(s, PROMPTS, k=2, temperature=0.0, max_tokens=8)
+        short = greedy["short"][0].token_ids.tolist()
+        others = {t for p in PROMPTS[1:] for t in greedy[p.id][0].token_ids.tolist()}
+        # "short" ends at the first of its tokens that no other prompt's reply holds (a random model's replies vary)
+        at = next((i for i in range(1, 7) if short[i] not in others and short[i] not in short[:i]), None)
+        if at is None:
+            pytest.skip("this random model's replies share every token")
+        stop = short[at]
+        s.eog = eog | {stop}
+        got, order = generate(s, PROMPTS, k=2, temperature=0.0, max_tokens=8)
+    finally:
+        s.eog = eog
+        s.close()
+    assert order[0] == "short"  # handed over as soon as finished, while the others still run
+    for c in got["short"]:
+        assert c.finish == "stop" and c.token_ids.tolist() == short[: at + 1]
+        assert c.text == tok.decode(c.token_ids[:-1])
+    for p in PROMPTS[1:]:
+        for c in got[p.id]:  # the freed cells and sequence ids did not disturb them
+            assert c.finish == "length" and len(c.token_ids) == 8
+            assert_same_tokens(c, greedy[p.id][0])
+
+
+def test_prompts_queue_for_the_cache_and_sequence_ids(tiny_gguf_f32, tok, batched):
+    narrow = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=2, sequences=2)  # one prompt of K=2 at a time
+    try:
+        got, order = generate(narrow, PROMPTS, k=2, temperature=1.0, max_tokens=6, seed=3)
+    finally:
+        narrow.close()
+    wide, _ = generate(batched, PROMPTS, k=2, temperature=1.0, max_tokens=6, seed=3)
+    assert order == [p.id for p in PROMPTS]
+    for p in PROMPTS:
+        for a, b in zip(got[p.id], wide[p.id]):
+            assert_same_tokens(a, b)
+
+
+def test_sample_all_uses_the_recipe_settings_and_per_prompt_seeds(batched):
+    from pudl.recipe import SampleConfig
+
+    cfg = SampleConfig(k=3, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=5)
+    seen = []
+    batched.sample_all(PROMPTS[:2], cfg, seed=11, round_=2, on_prompt=lambda p, c: seen.append((p.id, c)))
+    assert sorted(pid for pid, _ in seen) == ["long", "short"]
+    for pid, cands in seen:
+        p = next(x for x in PROMPTS if x.id == pid)
+        ref = batched.sample(p, 3, 0.8, 5, prompt_seed(11, 2, pid), top_k=20, top_p=0.9, min_p=0.05)
+        for a, b in zip(cands, ref, strict=True):
+            assert_same_tokens(a, b)
+
+
+def test_logprobs_match_mlx_policy(batched, tok, tiny_gguf_f32):
+    got, _ = generate(batched, PROMPTS, k=2, temperature=1.0, max_tokens=10, seed=5)
+    student = load_student(tiny_gguf_f32, 4, 8.0, ["q_proj"])
+    for p in PROMPTS:
+        context = tok.chat_tokens(chat_messages(p))
+        batch = pack([(context, list(c.token_ids)) for c in got[p.id]])
+        mlx = np.array(batch_token_logprobs(student, batch))
+        for i, c in enumerate(got[p.id]):
+            assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 0.01
+
+
+def test_quantized_gguf_sampled_in_float_matches_mlx_policy(tiny_gguf):
+    tok = Tokenizer(tiny_gguf)
+    s = Sampler(tiny_gguf, tok, n_ctx=256, threads=2)  # CPU: computed in float16 from the Q4_1 blocks
+    try:
+        got, _ = generate(s, PROMPTS[:2], k=2, temperature=1.0, max_tokens=10, seed=1)
+    finally:
+        s.close()
+    student = load_student(tiny_gguf, 4, 8.0, ["q_proj"], dequantize=True)
+    for p in PROMPTS[:2]:
+        batch = pack([(tok.chat_tokens(chat_messages(p)), list(c.token_ids)) for c in got[p.id]])
+        mlx = np.array(batch_token_logprobs(student, batch))
+        for i, c in enumerate(got[p.id]):
+            assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 0.05
+
+
+def test_lora_changes_batched_output_like_sequential_and_mlx(tiny_gguf_f32, tok, batched, tmp_path):
+    student = load_student(tiny_gguf_f32, 4, 8.0, ["q_proj", "v_proj", "down_proj"], seed=1)
+    for layer in student.lora_layers.values():
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.3
+    path = tmp_path / "lora.gguf"
+    write_gguf_lora(student, path)
+    with_lora = Sampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=2)
+    seq_lora = SequentialSampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=2)
+    try:
+        got, _ = generate(with_lora, PROMPTS, k=2, temperature=0.0, max_tokens=10)
+        refs = {p.id: seq_lora.sample(p, 1, 0.0, 10, seed=0)[0] for p in PROMPTS}
+    finally:
+        with_lora.close()
+        seq_lora.close()
+    base, _ = generate(batched, PROMPTS, k=1, temperature=0.0, max_tokens=10)
+    assert any(got[p.id][0].token_ids.tolist() != base[p.id][0].token_ids.tolist() for p in PROMPTS)
+    for p in PROMPTS:
+        assert_same_tokens(got[p.id][0], refs[p.id])
+        batch = pack([(tok.chat_tokens(chat_messages(p)), list(got[p.id][0].token_ids))])
+        mlx = np.array(batch_token_logprobs(student, batch))[0][np.array(batch.mask)[0] > 0]
+        assert np.abs(mlx - got[p.id][0].logprobs).max() < 0.01  # the LoRA llama.cpp applies is MLX's
+
+
+def test_vectorised_logprobs_are_log_softmax():
+    logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 5
+    tokens = np.array([0, 17, 49])
+    expected = [log_softmax(row)[t] for row, t in zip(logits, tokens)]
+    assert np.allclose(_token_logprobs(logits, tokens), expected, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_smollm2_batched_candidates_match_mlx(smollm2):
+    tok = Tokenizer(smollm2)
+    s = Sampler(smollm2, tok, n_ctx=512)
+    try:
+        got, _ = generate(s, PROMPTS[:2], k=2, temperature=0.9, max_tokens=8, seed=0, top_k=40, top_p=0.95)
+    finally:
+        s.close()
+    student = load_student(smollm2, 8, 16.0, ["q_proj"])
+    for p in PROMPTS[:2]:
+        batch = pack([(tok.chat_tokens(chat_messages(p)), list(c.token_ids)) for c in got[p.id]])
+        mlx = np.array(batch_token_logprobs(student, batch))
+        for i, c in enumerate(got[p.id]):
+            assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 0.1
