@@ -75,7 +75,7 @@ class Run:
         self.eval_prompts, _ = self._fitting(self.eval_prompts, "held-out")
         self.teacher_calls = 0
         self.failures: dict[str, str] = {}
-        self.stages: dict[str, dict[str, str]] = {}  # round -> stage -> computed | resumed | reused | extended | recomputed
+        self.stages: dict[str, dict[str, str]] = {}  # round -> stage -> computed|resumed|reused|extended|recomputed
         self._student = None
 
     def _fitting(self, prompts: list[Prompt], what: str) -> tuple[list[Prompt], list[str]]:
@@ -88,7 +88,8 @@ class Run:
         if skipped:
             self.rep.say(f"[yellow]{len(skipped)} {what} prompt(s) do not fit student.n_ctx={n_ctx} tokens and are "
                          f"skipped (first: {escape(skipped[0].id)})")
-            self.rep.log("skipped", prompts=what, reason=f"longer than student.n_ctx={n_ctx}", ids=[p.id for p in skipped])
+            self.rep.log("skipped", prompts=what, reason=f"longer than student.n_ctx={n_ctx}",
+                         ids=[p.id for p in skipped])
         return keep, [p.id for p in skipped]
 
     @property
@@ -130,7 +131,8 @@ class Run:
             pid, error = next(iter(self.failures.items()))
             self.rep.say(f"[yellow]teacher failed for {len(self.failures)} prompt(s); they are skipped this run "
                          f"and retried by the next (first: {escape(pid)}: {escape(error)})")
-        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(self.cache.anchors()), failures=len(self.failures))
+        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(self.cache.anchors()),
+                     failures=len(self.failures))
         return self.cache.anchors()
 
     # evaluation ----------------------------------------------------------------------------------

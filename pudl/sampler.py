@@ -247,9 +247,9 @@ class Sampler:
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
         params.kv_unified = True  # one cell pool: a prompt's K sequences share its cells
-        # Flash attention skips the cells of other sequences (plain attention multiplies by the whole pool);
-        # a float32 cache keeps it exact: with float16 it accumulates in float16 (log-probs off by ~0.1).
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # Exact attention: llama.cpp's CPU flash attention and a float16 cache both round through float16
+        # (log-probs off by 0.01-0.02); this way they match the MLX student's to ~1e-5 on float weights.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
         params.n_threads = params.n_threads_batch = self.threads
         with quiet_stderr():
@@ -399,10 +399,9 @@ class SequentialSampler:
         import llama_cpp
 
         kwargs = {"lora_path": str(adapter_path)} if adapter_path is not None else {}
-        # The batched sampler's attention arithmetic, so the two agree as far as their weights do.
+        # The batched sampler's exact attention (float32 cache), so the two agree as far as their weights do.
         self.llm = open_llama(gguf_path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_batch=min(512, n_ctx),
-                              flash_attn=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-                              **kwargs)
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kwargs)
         self.n_vocab = self.llm.n_vocab()
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
