@@ -76,6 +76,7 @@ class Run:
         self.teacher_calls = 0
         self.failures: dict[str, str] = {}
         self.stages: dict[str, dict[str, str]] = {}  # round -> stage -> computed|resumed|reused|extended|recomputed
+        self._changed_from: int | None = None  # first round whose stages a changed input cleared
         self._student = None
 
     def _fitting(self, prompts: list[Prompt], what: str) -> tuple[list[Prompt], list[str]]:
@@ -173,7 +174,10 @@ class Run:
             self.rep.say(f"round {round_}: the recipe or the prompts changed since '{name}' ran; "
                          "recomputing it and what follows")
             self.cache.clear_from(round_, name)
+            self._changed_from = min(self._changed_from or round_, round_)
         self.cache.start_stage(round_, name, fp)  # a crash from here on resumes under this fingerprint, or clears
+        if state == "none" and self._changed_from and round_ >= self._changed_from:
+            state = "other"  # cleared with an earlier stage whose inputs changed
         status = {"done": "extended", "started": "resumed", "other": "recomputed"}.get(state, "computed")
         return self._note(round_, name, status, False)
 
@@ -252,6 +256,9 @@ class Run:
                           float(refs[(p.prompt_id, p.chosen_idx)].sum()), float(refs[(p.prompt_id, p.rejected_idx)].sum()))
                      for p in pairs]
             self.cache.put_pairs(round_, pairs)
+            # Read back in the cache's order: the seeded shuffle of the batches must see the same list whether the
+            # pairs were just made or come from the cache (a resumed or rerun round), or training differs.
+            pairs = self.cache.pairs(round_)
         self.cache.finish_stage(round_, "prefs", fp)
         return pairs, groups, comp
 
