@@ -19,18 +19,19 @@ class Prompt:
     answer: str | None = None
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
-    """Read a JSONL prompts file; every bad line is a UserError naming file:line."""
-    path = Path(path)
+def jsonl_rows(path: Path, fields: set[str], what: str):
+    """Yield (where, lineno, row) for each non-blank line of a JSONL file of objects with only `fields`.
+
+    Every problem (missing file, non-UTF-8 bytes, bad JSON, not an object, unknown field) is a UserError
+    naming file:line.
+    """
     if not path.is_file():
-        raise UserError(f"{path}: prompts file not found")
+        raise UserError(f"{path}: {what} not found")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not valid UTF-8") from None
-    prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -41,9 +42,18 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             raise UserError(f"{where}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object")
-        unknown = set(row) - {"prompt", "id", "system", "answer"}
+        unknown = set(row) - fields
         if unknown:
             raise UserError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        yield where, lineno, row
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read a JSONL prompts file; every bad line is a UserError naming file:line."""
+    path = Path(path)
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for where, lineno, row in jsonl_rows(path, {"prompt", "id", "system", "answer"}, "prompts file"):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"{where}: 'prompt' must be a non-empty string")

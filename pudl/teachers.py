@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn, Protocol, runtime_checkable
 
 from pudl.errors import TeacherError, UserError
-from pudl.prompts import Prompt, chat_messages
+from pudl.prompts import Prompt, chat_messages, jsonl_rows
 
 BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
 
@@ -284,27 +284,8 @@ class JsonlTeacher:
         self._load()
 
     def _load(self) -> None:
-        if not self.path.is_file():
-            raise UserError(f"{self.path}: anchors file not found")
-        try:
-            text = self.path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = self.path.read_bytes()[: e.start].count(b"\n") + 1
-            raise UserError(f"{self.path}:{line}: not valid UTF-8") from None
         id_line: dict[str, int] = {}
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{self.path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object")
-            unknown = set(row) - {"id", "prompt", "anchor"}
-            if unknown:
-                raise UserError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        for where, lineno, row in jsonl_rows(self.path, {"id", "prompt", "anchor"}, "anchors file"):
             anchor = row.get("anchor")
             if not isinstance(anchor, str) or not anchor.strip():
                 raise UserError(f"{where}: 'anchor' must be a non-empty string")
