@@ -26,14 +26,14 @@ def tok(tiny_gguf_f32):
 
 @pytest.fixture(scope="module")
 def batched(tiny_gguf_f32, tok):
-    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=2)
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1)
     yield s
     s.close()
 
 
 @pytest.fixture(scope="module")
 def sequential(tiny_gguf_f32, tok):
-    s = SequentialSampler(tiny_gguf_f32, tok, n_ctx=256, threads=2)
+    s = SequentialSampler(tiny_gguf_f32, tok, n_ctx=256, threads=1)
     yield s
     s.close()
 
@@ -69,18 +69,21 @@ def test_greedy_batched_equals_sequential_with_prompts_of_different_lengths(batc
         ref = sequential.sample(p, 1, 0.0, 12, seed=0)[0]
         assert [c.idx for c in got[p.id]] == [0, 1]
         for c in got[p.id]:
-            assert c.prompt_id == p.id and len(c.token_ids) == len(c.logprobs) == 12 and c.finish == "length"
+            assert c.prompt_id == p.id and len(c.token_ids) == len(c.logprobs) <= 12
+            assert (c.finish == "stop") == (int(c.token_ids[-1]) in batched.eog)  # a random model may stop
             assert_same_tokens(c, ref)
 
 
 def test_quantized_gguf_kept_quantized_equals_sequential(tiny_gguf):
+    # One candidate of one prompt: the same batches as the sequential sampler, so the same arithmetic (with more
+    # tokens a batch, llama.cpp's quantized kernels round differently, and its 8-bit activations amplify that).
     tok = Tokenizer(tiny_gguf)
-    b = Sampler(tiny_gguf, tok, n_ctx=256, threads=2, float_weights=False)
-    s = SequentialSampler(tiny_gguf, tok, n_ctx=256, threads=2)
+    b = Sampler(tiny_gguf, tok, n_ctx=256, threads=1, float_weights=False)
+    s = SequentialSampler(tiny_gguf, tok, n_ctx=256, threads=1)
     try:
-        got, _ = generate(b, PROMPTS[:3], k=1, temperature=0.0, max_tokens=10)
         for p in PROMPTS[:3]:
-            assert_same_tokens(got[p.id][0], s.sample(p, 1, 0.0, 10, seed=0)[0], logp_tol=0.02)
+            ref = s.sample(p, 1, 0.0, 10, seed=0)[0]
+            assert_same_tokens(b.sample(p, 1, 0.0, 10, seed=0)[0], ref)
     finally:
         b.close()
         s.close()
@@ -102,7 +105,7 @@ def test_seeded_candidates_differ_reproduce_and_match_the_sequential_streams(bat
 
 
 def test_stops_early_while_others_run_to_max_tokens_and_hands_over_each_prompt_when_done(tiny_gguf_f32, tok):
-    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=2, sequences=5)  # two prompts of K=2 in flight
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, sequences=5)  # two prompts of K=2 in flight
     eog = s.eog
     try:
         greedy, _ = generate(s, PROMPTS, k=2, temperature=0.0, max_tokens=8)
@@ -129,7 +132,7 @@ def test_stops_early_while_others_run_to_max_tokens_and_hands_over_each_prompt_w
 
 
 def test_prompts_queue_for_the_cache_and_sequence_ids(tiny_gguf_f32, tok, batched):
-    narrow = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=2, sequences=2)  # one prompt of K=2 at a time
+    narrow = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, sequences=2)  # one prompt of K=2 at a time
     try:
         got, order = generate(narrow, PROMPTS, k=2, temperature=1.0, max_tokens=6, seed=3)
     finally:
@@ -166,19 +169,39 @@ def test_logprobs_match_mlx_policy(batched, tok, tiny_gguf_f32):
             assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 0.01
 
 
-def test_quantized_gguf_sampled_in_float_matches_mlx_policy(tiny_gguf):
+def float32_copy(src, dst):
+    """The GGUF with every tensor dequantized to float32 by gguf-py (independently of llama.cpp)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), arch="llama")
+    for f in reader.fields.values():
+        if not f.name.startswith("GGUF.") and f.name not in ("general.architecture", "general.file_type"):
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, dequantize(t.data, t.tensor_type).astype(np.float32).reshape(t.shape[::-1].tolist()))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_quantized_gguf_is_sampled_in_float32_from_its_exact_weights(tiny_gguf, tmp_path):
     tok = Tokenizer(tiny_gguf)
-    s = Sampler(tiny_gguf, tok, n_ctx=256, threads=2)  # CPU: computed in float16 from the Q4_1 blocks
+    s = Sampler(tiny_gguf, tok, n_ctx=256, threads=1)  # on the CPU: dequantized to float32 by llama.cpp
     try:
-        got, _ = generate(s, PROMPTS[:2], k=2, temperature=1.0, max_tokens=10, seed=1)
+        got, _ = generate(s, PROMPTS, k=2, temperature=1.0, max_tokens=10, seed=1)
     finally:
         s.close()
-    student = load_student(tiny_gguf, 4, 8.0, ["q_proj"], dequantize=True)
-    for p in PROMPTS[:2]:
+    student = load_student(float32_copy(tiny_gguf, tmp_path / "f32.gguf"), 4, 8.0, ["q_proj"])
+    for p in PROMPTS:
         batch = pack([(tok.chat_tokens(chat_messages(p)), list(c.token_ids)) for c in got[p.id]])
         mlx = np.array(batch_token_logprobs(student, batch))
         for i, c in enumerate(got[p.id]):
-            assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 0.05
+            assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 1e-3
 
 
 def test_lora_changes_batched_output_like_sequential_and_mlx(tiny_gguf_f32, tok, batched, tmp_path):
@@ -187,8 +210,8 @@ def test_lora_changes_batched_output_like_sequential_and_mlx(tiny_gguf_f32, tok,
         layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.3
     path = tmp_path / "lora.gguf"
     write_gguf_lora(student, path)
-    with_lora = Sampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=2)
-    seq_lora = SequentialSampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=2)
+    with_lora = Sampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=1)
+    seq_lora = SequentialSampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=1)
     try:
         got, _ = generate(with_lora, PROMPTS, k=2, temperature=0.0, max_tokens=10)
         refs = {p.id: seq_lora.sample(p, 1, 0.0, 10, seed=0)[0] for p in PROMPTS}
@@ -201,7 +224,7 @@ def test_lora_changes_batched_output_like_sequential_and_mlx(tiny_gguf_f32, tok,
         assert_same_tokens(got[p.id][0], refs[p.id])
         batch = pack([(tok.chat_tokens(chat_messages(p)), list(got[p.id][0].token_ids))])
         mlx = np.array(batch_token_logprobs(student, batch))[0][np.array(batch.mask)[0] > 0]
-        assert np.abs(mlx - got[p.id][0].logprobs).max() < 0.01  # the LoRA llama.cpp applies is MLX's
+        assert np.abs(mlx - got[p.id][0].logprobs).max() < 1e-3  # the LoRA llama.cpp applies is MLX's
 
 
 def test_vectorised_logprobs_are_log_softmax():
