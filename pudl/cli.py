@@ -1,4 +1,4 @@
-"""The `pudl` command line: run, eval, doctor.
+"""The `pudl` command line: run, study, eval, doctor.
 
 A mistake a user can make (recipe, files, model) is printed as one line and exits with code 2; Linux users
 get the fast BLAS without doing anything (the process re-executes itself with OpenBLAS preloaded).
@@ -78,7 +78,8 @@ def run(recipe, out, overrides, quiet):
     from pudl.report import Reporter
 
     summary = run_recipe(r, lambda d: Reporter(d, err_console, quiet=quiet))
-    _print_summary(summary)
+    if summary is not None:  # None: a rank > 0 of a distributed run (rank 0 reports)
+        _print_summary(summary)
 
 
 def _print_summary(summary: dict):
@@ -96,6 +97,31 @@ def _print_summary(summary: dict):
     for key in ("strict_accuracy", "lenient_accuracy", "anchor_score"):
         if key in b or key in a:
             console.print(f"  held-out {key:<17} before {b.get(key, float('nan')):.3f}  after {a.get(key, float('nan')):.3f}")
+
+
+@main.command()
+@click.argument("study_file", metavar="STUDY.toml", type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True, help="No progress bars; one line per arm and the final table.")
+@user_errors
+def study(study_file, quiet):
+    """Run every arm of STUDY.toml (a recipe + overrides) for each seed and compare them.
+
+    Each arm x seed is a `pudl run` in its own directory under study.out, so rerunning the study resumes
+    where it stopped and skips finished arms. All trained arms must use the same training prompts and
+    teacher (one teacher-call budget). Writes study.md, study.json and study.png (mean ± std over seeds of
+    held-out strict/lenient accuracy, teacher calls, tokens sampled, wall time). Example:
+    studies/quality.toml.
+    """
+    from pudl.report import Reporter
+    from pudl.study import load_study, run_study
+
+    s = load_study(study_file)
+    result = run_study(s, lambda d: Reporter(d, err_console, quiet=quiet),
+                       say=lambda m: err_console.print(escape(m), highlight=False))
+    from pudl.study import markdown
+
+    click.echo(markdown(result))
+    click.echo(f"written: {s.out}/study.md, study.json, study.png")
 
 
 @main.command("eval")
@@ -123,7 +149,7 @@ def eval_(recipe, adapter, prompts, as_json):
     r = load_recipe(recipe)
     path = prompts or r.data.eval or r.data.prompts
     items = load_prompts(path)
-    model_path = resolve_model_path(r.student.model)
+    model_path = resolve_model_path(r.student.model, r.student.quant)
     tokenizer = Tokenizer(model_path)
     adapter_path = Path(adapter) if adapter else None
     if adapter_path and not adapter_path.is_file():
@@ -172,7 +198,51 @@ def doctor(as_json):
         console.print(f"[bold]{key:<20}[/] {value}", highlight=False)
 
 
-BENCHES = ("kernels",)
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@user_errors
+def report(run_dir):
+    """Write RUN_DIR/report.html again from the run's files (every `pudl run` writes it at the end).
+
+    One self-contained page (opens offline): training curves per step, held-out accuracy before/after,
+    self-ranking score distributions per round, the ranker's agreement with the verifier, the recipe.
+    """
+    from pathlib import Path
+
+    from pudl.html_report import write_report
+
+    click.echo(write_report(Path(run_dir)))
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False), default="recipe.toml")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="student.model: 'smollm2-135m' or a local .gguf path.")
+@click.option("--teacher", type=click.Choice(["openai", "llamacpp", "jsonl", "tasks"]), default="tasks",
+              show_default=True, help="teacher.backend: where the anchors come from.")
+@click.option("--teacher-path", type=click.Path(dir_okay=False),
+              help="teacher.path: the teacher GGUF (llamacpp) or the anchors JSONL (jsonl).")
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="data.prompts (JSONL). Default: the built-in task suite, written to data/ beside PATH.")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@user_errors
+def init(path, model, teacher, teacher_path, data, force):
+    """Write a starter recipe at PATH (default recipe.toml): every key under its help text.
+
+    Keys you choose with the flags are set; the others are commented out at pudl's default. The file
+    loads as is: `pudl run PATH`.
+    """
+    from pathlib import Path
+
+    from pudl.init_recipe import write_starter
+
+    for written in write_starter(Path(path), force=force, data=Path(data) if data else None, model=model,
+                                 teacher=teacher, teacher_path=Path(teacher_path) if teacher_path else None):
+        click.echo(f"wrote {written}")
+    click.echo(f"next: pudl run {path}")
+
+
+BENCHES = ("kernels", "sampling")
 
 
 @main.command()
@@ -189,9 +259,12 @@ def bench(name, as_json, out, tiny):
     import importlib
     from pathlib import Path
 
+    from pudl.bench.common import complete
+
     module = importlib.import_module(f"pudl.bench.{name}")
     result = module.run(tiny=tiny)
     result["command"] = "pudl bench " + name + (" --tiny" if tiny else "")
+    complete(name, module, result, out)  # end load average, ceiling fields; with --out also F.png
     if out:
         Path(out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     for line in module.lines(result):

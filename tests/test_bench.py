@@ -14,3 +14,30 @@ def test_bench_kernels_tiny_ends_with_one_json_object():
     for key in ("fused", "naive", "speedup", "memory_ratio"):
         assert key in result
     assert result["fused"]["seconds"] > 0 and result["naive"]["peak_bytes"] > 0
+
+
+def _bench_tiny(name: str, tmp_path) -> dict:
+    """`pudl bench NAME --tiny --json --out F`: the last stdout line is the JSON also written to F, with F.png."""
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, "-m", "pudl.cli", "bench", name, "--tiny", "--json", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == result
+    assert result["plot"] is None or (tmp_path / f"{name}.png").stat().st_size > 0
+    assert result["machine"]["cores"] >= 1 and len(result["machine"]["load_after"]) == 3
+    return result
+
+
+def test_bench_sampling_tiny_compares_the_three_samplers(tmp_path):
+    result = _bench_tiny("sampling", tmp_path)
+    for peer in ("pudl", "sequential", "mlx"):
+        (run,) = result["runs"][peer]
+        assert run["tokens"] > 0 and run["seconds"] > 0
+        assert result[f"{peer}_tok_s"] == run["tokens"] / run["seconds"]
+        assert result[f"{peer}_peak_rss_bytes"] > 2**20
+    assert result["ratio_vs_sequential"] == result["pudl_tok_s"] / result["sequential_tok_s"]
+    assert result["ratio_vs_mlx"] == result["pudl_tok_s"] / result["mlx_tok_s"]
+    # --tiny skips the sgemm measurement: no ceiling, said as null rather than made up
+    assert result["machine"]["sgemm_gflops"] is None and result["decode_ceiling_tok_s"] is None
+    assert result["decode_flops_per_token"] == 2 * result["n_params"] > 10**8
