@@ -1,9 +1,11 @@
-"""The student for MLX: GGUF weights -> mlx-lm llama model, LoRA attach/disable, tokenizer and chat template.
+"""The student for MLX: GGUF weights -> mlx-lm llama / qwen2 / qwen3 model, LoRA, tokenizer and chat template.
 
 The student trains on exactly the weights llama.cpp samples from: `mx.load` reads the GGUF's Q4/Q8 blocks as
-MLX quantized tensors. GGUF stores llama q/k rows permuted for interleaved rope, so the MLX model uses
-traditional rope. How a quantized linear computes (dequantized float32 on CPU, quantized_matmul on GPU) is
-chosen by `pudl.hardware.compute_policy`.
+MLX quantized tensors. `student.model` may also name a Hugging Face directory or hub id: pudl first writes it
+as a GGUF (`pudl.convert`) and loads that. llama.cpp permutes q/k rows only for the `llama` arch (interleaved
+rope), so llama-arch models use traditional rope and qwen2/qwen3 NEOX rope on unpermuted rows. How a
+quantized linear computes (dequantized float32 on CPU, quantized_matmul on GPU) is chosen by
+`pudl.hardware.compute_policy`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen2, qwen3
 
 from pudl.errors import UserError
 
@@ -35,6 +37,8 @@ GGUF_TO_MLX = {
     "blk.{}.attn_k": "model.layers.{}.self_attn.k_proj",
     "blk.{}.attn_v": "model.layers.{}.self_attn.v_proj",
     "blk.{}.attn_output": "model.layers.{}.self_attn.o_proj",
+    "blk.{}.attn_q_norm": "model.layers.{}.self_attn.q_norm",
+    "blk.{}.attn_k_norm": "model.layers.{}.self_attn.k_norm",
     "blk.{}.ffn_gate": "model.layers.{}.mlp.gate_proj",
     "blk.{}.ffn_up": "model.layers.{}.mlp.up_proj",
     "blk.{}.ffn_down": "model.layers.{}.mlp.down_proj",
@@ -46,8 +50,11 @@ TARGET_TO_GGUF = {
 }
 
 
-def resolve_model_path(model: str) -> Path:
-    """The GGUF file of a recipe's `student.model` (a built-in name or a local path)."""
+def resolve_model_path(model: str, quant: str = "q8_0", cache_dir: Path | None = None) -> Path:
+    """The GGUF file of a recipe's `student.model`: a built-in name, a local .gguf, or a Hugging Face directory
+    or hub id (converted once at `quant` into `cache_dir`, default `pudl.convert.default_cache_dir()`)."""
+    from pudl import convert
+
     if model in BUILTIN_MODELS:
         package, filename = BUILTIN_MODELS[model]
         try:
@@ -58,13 +65,16 @@ def resolve_model_path(model: str) -> Path:
         if not found:
             raise UserError(f"student.model: no .gguf inside the installed package {package}")
         return Path(str(found[0]))
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_dir():
-        raise UserError(f"student.model: {path} is a directory; Hugging Face directories are not supported yet, "
-                        "convert to GGUF (llama.cpp convert_hf_to_gguf.py) and point at the .gguf")
+        if not convert.is_hf_dir(path):
+            raise UserError(f"student.model: {path} is a directory without config.json (not a Hugging Face model)")
+        return convert.hf_to_gguf(path, quant, cache_dir)
+    if not path.exists() and convert.is_hub_id(model):
+        return convert.hf_to_gguf(convert.hub_snapshot(model), quant, cache_dir)
     if path.suffix != ".gguf":
-        raise UserError(f"student.model: {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
-                        "nor a .gguf file")
+        raise UserError(f"student.model: {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                        "a .gguf file, a Hugging Face model directory nor a hub id (owner/name)")
     if not path.is_file():
         raise UserError(f"student.model: file not found: {path}")
     with open(path, "rb") as f:
@@ -80,17 +90,22 @@ def _meta_value(meta: dict, key: str, default=None):
     return value
 
 
-def model_args_from_gguf(meta: dict, weights: dict) -> llama.ModelArgs:
-    """mlx-lm llama ModelArgs from the GGUF metadata (llama architecture family)."""
+ARCHS = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}  # GGUF general.architecture -> mlx-lm module
+
+
+def model_args_from_gguf(meta: dict, weights: dict):
+    """mlx-lm ModelArgs (of the arch's own module) from the GGUF metadata."""
     arch = _meta_value(meta, "general.architecture")
-    if arch != "llama":
-        raise UserError(f"student.model: architecture {arch!r} is not supported yet (llama only)")
+    if arch not in ARCHS:
+        raise UserError(f"student.model: architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
     p = f"{arch}."
     n_vocab = weights["model.embed_tokens.weight"].shape[0]
+    hidden = int(_meta_value(meta, p + "embedding_length"))
     n_heads = int(_meta_value(meta, p + "attention.head_count"))
-    return llama.ModelArgs(
-        model_type="llama",
-        hidden_size=int(_meta_value(meta, p + "embedding_length")),
+    head_dim = int(_meta_value(meta, p + "attention.key_length", hidden // n_heads))
+    common = dict(
+        model_type=arch,
+        hidden_size=hidden,
         num_hidden_layers=int(_meta_value(meta, p + "block_count")),
         intermediate_size=int(_meta_value(meta, p + "feed_forward_length")),
         num_attention_heads=n_heads,
@@ -98,10 +113,31 @@ def model_args_from_gguf(meta: dict, weights: dict) -> llama.ModelArgs:
         rms_norm_eps=float(_meta_value(meta, p + "attention.layer_norm_rms_epsilon", 1e-5)),
         vocab_size=int(n_vocab),
         rope_theta=float(_meta_value(meta, p + "rope.freq_base", 10000.0)),
-        rope_traditional=True,
         max_position_embeddings=int(_meta_value(meta, p + "context_length", 2048)),
         tie_word_embeddings="lm_head.weight" not in weights,
     )
+    if arch == "qwen3":
+        return qwen3.ModelArgs(head_dim=head_dim, **common)
+    if arch == "qwen2":
+        if head_dim != hidden // n_heads:
+            raise UserError(f"student.model: qwen2 with head_dim {head_dim} != hidden/heads is not supported")
+        return qwen2.ModelArgs(rope_traditional=False, **common)
+    # llama.cpp's llama arch keeps q/k rows permuted for interleaved ("traditional") rope
+    return llama.ModelArgs(head_dim=head_dim, rope_traditional=True, **common)
+
+
+class FreqRoPE(nn.Module):
+    """Rope with explicit per-frequency periods: a GGUF's `rope_freqs` factors (Llama 3 scaling) times base^(2i/d)."""
+
+    def __init__(self, dims: int, traditional: bool, base: float, factors: mx.array):
+        super().__init__()
+        self.dims, self.traditional = dims, traditional
+        # underscore: not a parameter (never trained, saved or quantized)
+        self._freqs = (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)) * factors.astype(mx.float32)
+
+    def __call__(self, x, offset=0):
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
+                            freqs=self._freqs)
 
 
 def _mlx_name(gguf_name: str) -> str:
@@ -130,6 +166,9 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
     weights, quant_bits = {}, {}
     for name, value in raw.items():
         if name.endswith((".scales", ".biases")):
+            continue
+        if name == "rope_freqs.weight":  # not a module weight: the rope's frequency factors (see FreqRoPE)
+            meta = {**meta, "pudl.rope_freqs": value.astype(mx.float32)}
             continue
         stem = name[: -len(".weight")] if name.endswith(".weight") else None
         if stem is not None and stem + ".scales" in raw:
@@ -179,7 +218,7 @@ class Student:
     """The MLX student: model, where its LoRA layers are, and its GGUF file."""
 
     model: nn.Module
-    args: llama.ModelArgs
+    args: object  # the arch's mlx-lm ModelArgs (llama, qwen2 or qwen3); args.model_type = the GGUF arch
     gguf_path: Path
     lora_layers: dict  # "blk.N.attn_q" -> LoRALinear
     lora_rank: int
@@ -224,7 +263,12 @@ def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: i
         dequantize = policy.dequantize
     weights, meta, quant_bits = load_gguf_weights(path, dequantize, policy.dtype)
     args = model_args_from_gguf(meta, weights)
-    model = llama.Model(args)
+    model = ARCHS[args.model_type].Model(args)
+    factors = meta.get("pudl.rope_freqs")
+    if factors is not None:
+        head_dim = args.hidden_size // args.num_attention_heads if args.model_type == "qwen2" else args.head_dim
+        for layer in model.model.layers:
+            layer.self_attn.rope = FreqRoPE(head_dim, args.model_type == "llama", args.rope_theta, factors)
     if quant_bits:
         nn.quantize(model, group_size=GROUP_SIZE,
                     class_predicate=lambda p, m: {"group_size": GROUP_SIZE, "bits": quant_bits[p]}
@@ -232,7 +276,7 @@ def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: i
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise UserError(f"student.model: {path} does not match the llama layout ({e})") from None
+        raise UserError(f"student.model: {path} does not match the {args.model_type} layout ({e})") from None
     model.freeze()
     key = mx.random.key(seed)
     lora_layers = {}
@@ -271,10 +315,16 @@ class Tokenizer:
         if not source:
             raise UserError("student.model: the GGUF has no tokenizer.chat_template")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(source)
+        env.globals["raise_exception"] = _template_error  # HF chat templates call these two
+        env.globals["strftime_now"] = lambda fmt: __import__("time").strftime(fmt)
+        try:
+            return env.from_string(source)
+        except Exception as e:  # jinja2.TemplateSyntaxError, or an extension HF templates rarely use
+            raise UserError(f"student.model: the GGUF's chat template does not parse ({e})") from None
 
     def token_text(self, token_id: int) -> str:
-        return self.llm.detokenize([token_id]).decode("utf-8", errors="replace")
+        """A token's text, special tokens included (the chat template's bos_token / eos_token)."""
+        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template applied to messages (text, special tokens included)."""
@@ -295,6 +345,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
+
+
+def _template_error(message: str):
+    raise UserError(f"chat template: {message}")
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
