@@ -14,7 +14,7 @@ import numpy as np
 
 from pudl.errors import UserError
 from pudl.prompts import Prompt, chat_messages
-from pudl.scoring import roc_auc
+from pudl.scoring import order_consistency
 from pudl.sequences import sequence_logprobs
 from pudl.tasks import family_of, lenient_match, strict_match
 
@@ -61,26 +61,6 @@ def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, ancho
 
 
 def ranker_agreement(prompts: list[Prompt], candidates: dict, scores: dict[str, dict[str, list[float]]]) -> dict:
-    """How well each scorer's ranking agrees with answer correctness (lenient), on prompts that carry answers.
-
-    auc: P(a correct candidate outscores an incorrect one); best_vs_worst: in groups with both kinds, how often
-    the best-scored candidate is correct and the worst is not.
-    """
-    out = {}
-    for scorer, by_prompt in scores.items():
-        values, labels, hits, mixed = [], [], 0, 0
-        for p in prompts:
-            if p.answer is None or p.id not in by_prompt:
-                continue
-            s = np.array(by_prompt[p.id])
-            ok = np.array([lenient_match(c.text, p.answer) for c in candidates[p.id]])
-            values += list(s)
-            labels += list(ok)
-            if ok.any() and not ok.all():
-                mixed += 1
-                hits += bool(ok[int(np.argmax(s))] and not ok[int(np.argmin(s))])
-        if labels:
-            out[scorer] = {"auc": roc_auc(values, labels), "candidates": len(labels),
-                           "correct_fraction": float(np.mean(labels)), "mixed_groups": mixed,
-                           "best_vs_worst_correct": hits / mixed if mixed else float("nan")}
-    return out
+    """How well each scorer's ranking agrees with answer correctness, overall and per task family
+    (`pudl.scoring.order_consistency`: ROC AUC lenient/strict, Spearman, best-vs-worst picks)."""
+    return order_consistency(prompts, candidates, scores)

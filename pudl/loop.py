@@ -26,7 +26,7 @@ from pudl.errors import TeacherError, UserError
 from pudl.evaluate import evaluate, ranker_agreement
 from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student, resolve_model_path
-from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references
+from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references, sft_batches
 from pudl.prompts import Prompt, chat_messages, load_prompts
 from pudl.recipe import SCORERS, Recipe
 from pudl.report import Reporter, write_json
@@ -178,9 +178,9 @@ class Run:
             self.rep.say(f"round {round_}: the recipe or the prompts changed since '{name}' ran; "
                          "recomputing it and what follows")
             self.cache.clear_from(round_, name)
-            self._changed_from = min(self._changed_from or round_, round_)
+            self._changed_from = round_ if self._changed_from is None else min(self._changed_from, round_)
         self.cache.start_stage(round_, name, fp)  # a crash from here on resumes under this fingerprint, or clears
-        if state == "none" and self._changed_from and round_ >= self._changed_from:
+        if state == "none" and self._changed_from is not None and round_ >= self._changed_from:
             state = "other"  # cleared with an earlier stage whose inputs changed
         status = {"done": "extended", "started": "resumed", "other": "recomputed"}.get(state, "computed")
         return self._note(round_, name, status, False)
@@ -211,23 +211,26 @@ class Run:
         self.cache.finish_stage(round_, "sample", fp)
 
     def score(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
-        scored = self.cache.scored_prompt_ids(round_, SCORERS[0])
-        if self.stage(round_, "score", fp, missing=sum(p.id not in scored for p in prompts)):
+        # A scorer added to pudl after a round was scored is computed for that round's prompts on the next run
+        # (the stage is "extended"); the scorers already stored are not recomputed.
+        scored = {s: self.cache.scored_prompt_ids(round_, s) for s in SCORERS}
+        missing = {p.id: tuple(s for s in SCORERS if p.id not in scored[s]) for p in prompts}
+        if self.stage(round_, "score", fp, missing=sum(bool(m) for m in missing.values())):
             return
         candidates = self.cache.candidates(round_)
-        done = self.cache.scored_prompt_ids(round_, SCORERS[0])
-        todo = [p for p in prompts if p.id not in done and p.id in candidates]
+        todo = [p for p in prompts if missing[p.id] and p.id in candidates]
         min_gap = self.recipe.rank.min_gap
         with self.rep.phase("score", len(todo), round_) as advance:
             for start in range(0, len(todo), SCORE_CHUNK):
                 chunk = todo[start : start + SCORE_CHUNK]
                 groups = [(p, anchors[p.id], candidates[p.id]) for p in chunk]
-                for (p, _, cands), scores in zip(groups, score_groups(self.student, self.tokenizer, groups)):
-                    for scorer in SCORERS:
-                        values = scores.by(scorer)
+                wanted = tuple(s for s in SCORERS if any(s in missing[p.id] for p in chunk))
+                for (p, _, cands), scores in zip(groups, score_groups(self.student, self.tokenizer, groups, wanted)):
+                    for scorer in missing[p.id]:
+                        values, anchor_value = scores[scorer]
                         status = group_status(values, cands, min_gap)
                         self.cache.put_scores(round_, p.id, scorer, list(values), list(rank(values)), status,
-                                              anchor_score=scores.anchor_by(scorer))
+                                              anchor_score=anchor_value)
                     advance()
         self.cache.finish_stage(round_, "score", fp)
 
@@ -266,20 +269,25 @@ class Run:
         self.cache.finish_stage(round_, "prefs", fp)
         return pairs, groups, comp
 
-    def train(self, round_: int, pairs: list[Pair], groups: list[Group], comp: Completions, fp: str) -> Path:
+    def train(self, round_: int, pairs: list[Pair], groups: list[Group], comp: Completions, fp: str,
+              algo: str | None = None, epochs: int | None = None) -> Path:
+        """Train this round (round 0: the SFT warm-up) with `algo` (default train.algo); export the adapter."""
         round_dir = self.run_dir / f"round-{round_}"
         adapter_path = round_dir / "adapter.safetensors"
         if self.stage(round_, "train", fp) and adapter_path.exists():
             adapters.load_adapter(self.student, adapter_path)
             return round_dir / "adapter.gguf"
         t = self.recipe.train
+        algo = algo or t.algo
         refs = self.cache.references(round_)
         seed = self.recipe.run.seed + round_
-        if t.algo == "dpo":
+        if algo == "sft":
+            batches, skipped = sft_batches(list(comp.prompts), comp, t, seed, epochs)
+        elif algo == "dpo":
             batches, skipped = dpo_batches(pairs, refs, comp, t, seed)
         else:
             batches, skipped = group_batches(groups, refs, comp, t, seed)
-        unit = "pair" if t.algo == "dpo" else "group"
+        unit = {"dpo": "pair", "sft": "anchor"}.get(algo, "group")
         if skipped:
             self.rep.say(f"round {round_}: {skipped} {unit}(s) longer than train.max_seq_len={t.max_seq_len} skipped")
         if not batches:
@@ -290,7 +298,7 @@ class Run:
                 self.rep.log("step", round=round_, **row)
                 advance()
 
-            result = train(self.student, batches, LOSSES[t.algo], t, checkpoint_dir=round_dir, fingerprint=fp,
+            result = train(self.student, batches, LOSSES[algo], t, checkpoint_dir=round_dir, fingerprint=fp,
                            checkpoint_every=t.checkpoint_every, on_step=on_step)
         if result.resumed_from:
             self.rep.say(f"round {round_}: training resumed from step {result.resumed_from}")
@@ -382,8 +390,26 @@ def _run(recipe: Recipe, reporter_factory) -> dict:
                             f"(first: {first[0]}: {first[1]})")
         base_key = fingerprint(str(state.model_path), recipe.section_dict("lora"), recipe.run.seed)
         before = state.evaluate("before", None, base_key, anchors)
-        prev_fp, adapter, rounds = base_key, None, []
+        prev_fp, adapter, rounds, tokens_sampled = base_key, None, [], 0
+        t = recipe.train
+        sft_key = {k: getattr(t, k) for k in ("learning_rate", "batch_size", "weight_decay", "max_seq_len")}
+        if t.warmup_sft_epochs and t.algo != "sft":  # round 0: SFT on the anchors; round 1 samples from it
+            fp_sft = fingerprint(prev_fp, "sft", sft_key, t.warmup_sft_epochs, recipe.section_dict("lora"),
+                                 [p.id for p in prompts])
+            comp = Completions({p.id: p for p in prompts}, anchors, {}, state.tokenizer)
+            adapter = state.train(0, [], [], comp, fp_sft, algo="sft", epochs=t.warmup_sft_epochs)
+            rounds.append({"round": 0, "algo": "sft", "anchors": len(prompts)})
+            prev_fp = fp_sft
         for round_ in range(1, recipe.run.rounds + 1):
+            if t.algo == "sft":  # anchors only: nothing is sampled, scored or ranked
+                fp_train = fingerprint(prev_fp, "sft", sft_key, t.epochs, recipe.section_dict("lora"),
+                                       [p.id for p in prompts])
+                comp = Completions({p.id: p for p in prompts}, anchors, {}, state.tokenizer)
+                adapter = state.train(round_, [], [], comp, fp_train)
+                rounds.append({"round": round_, "algo": "sft", "anchors": len(prompts)})
+                rep.log("round", **rounds[-1])
+                prev_fp = fp_train
+                continue
             # Samples and scores are per prompt (a prompt whose anchor arrives later only adds rows); pairs and
             # what follows depend on the whole set of prompts.
             fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"),
@@ -396,6 +422,7 @@ def _run(recipe: Recipe, reporter_factory) -> dict:
             pairs, groups, comp = state.preferences(round_, prompts, anchors, fp_prefs)
             adapter = state.train(round_, pairs, groups, comp, fp_train)
             candidates = state.cache.candidates(round_)
+            tokens_sampled += sum(len(c.token_ids) for cs in candidates.values() for c in cs)
             agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in SCORERS})
             rounds.append({"round": round_, "pairs": len(pairs), "groups": len(groups),
                            "group_status": state.cache.group_statuses(round_),
@@ -411,6 +438,8 @@ def _run(recipe: Recipe, reporter_factory) -> dict:
             "prompts": len(state.prompts),
             "teacher_calls": state.teacher_calls,
             "teacher_failures": len(state.failures),
+            "anchors_used": len(prompts),  # the teacher-call budget this run's training drew on
+            "tokens_sampled": tokens_sampled,  # candidate tokens generated for training (evaluation excluded)
             "teacher_failed": state.failures,  # prompt id -> last error; the next run asks again
             "skipped_too_long": state.too_long,
             "stages": state.stages,

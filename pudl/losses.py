@@ -89,6 +89,14 @@ def grpo(token_logps: mx.array, batch: TrainBatch, cfg) -> tuple[mx.array, dict]
     return loss, metrics
 
 
+def sft(token_logps: mx.array, batch: TrainBatch, cfg) -> tuple[mx.array, dict]:
+    """Supervised fine-tuning on the anchors: mean NLL over every anchor token of the batch (token-weighted,
+    so a long anchor counts by its length, as in standard SFT)."""
+    mask = batch.seqs.mask
+    nll = -token_logps.sum() / mx.maximum(mask.sum(), 1)
+    return nll, {"nll/anchor": nll, "completions/mean_length": mask.sum(axis=1).mean()}
+
+
 def with_anchor_nll(loss_fn):
     """Add `anchor_nll` x the mean per-token NLL of the anchor sequences in the batch (if any)."""
 
@@ -107,3 +115,4 @@ def with_anchor_nll(loss_fn):
 
 
 LOSSES = {name: with_anchor_nll(fn) for name, fn in {"dpo": dpo, "grpo": grpo, "ldl": ldl, "listmle": listmle}.items()}
+LOSSES["sft"] = sft  # already the anchor NLL: no extra term

@@ -95,10 +95,10 @@ def _fits(seqs, max_len: int) -> bool:
     return max(len(c) + len(y) for c, y in seqs) <= max_len
 
 
-def _epochs(items: list, cfg, seed: int):
+def _epochs(items: list, cfg, seed: int, epochs: int | None = None):
     """Batches of item indices: a fresh seeded shuffle per epoch."""
     rng = np.random.default_rng(seed)
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.epochs if epochs is None else epochs):
         order = rng.permutation(len(items)).tolist()
         for start in range(0, len(order), cfg.batch_size):
             yield [items[i] for i in order[start : start + cfg.batch_size]]
@@ -145,3 +145,15 @@ def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed:
             extras["old_tokens"] = aligned(seqs, [behaviour(comp, refs, *k) for k in keys])
         batches.append(TrainBatch(seqs, extras, len(chunk)))
     return batches, len(groups) - len(usable)
+
+
+def sft_batches(prompt_ids: list[str], comp: Completions, cfg, seed: int,
+                epochs: int | None = None) -> tuple[list[TrainBatch], int]:
+    """Batches of (prompt, anchor) sequences for supervised fine-tuning: needs no sampled candidate."""
+    usable = [pid for pid in prompt_ids if _fits([comp.sequence(pid, ANCHOR_IDX)], cfg.max_seq_len)]
+    batches = []
+    for chunk in _epochs(usable, cfg, seed, epochs):
+        keys = [(pid, ANCHOR_IDX) for pid in chunk]
+        seqs = pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE)
+        batches.append(TrainBatch(seqs, {"is_anchor": _anchor_flags(keys)}, len(chunk)))
+    return batches, len(prompt_ids) - len(usable)

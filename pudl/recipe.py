@@ -16,9 +16,9 @@ from pudl.errors import UserError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TEACHER_BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
-SCORERS = ("anchor-likelihood", "anchor-gain")
+SCORERS = ("anchor-likelihood", "anchor-gain", "judge", "chrf")
 PAIR_MODES = ("best-vs-worst", "anchor-vs-worst", "both")
-ALGOS = ("dpo", "grpo", "ldl", "listmle")
+ALGOS = ("dpo", "grpo", "ldl", "listmle", "sft")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 NORMS = ("token", "sequence")
 SAMPLE_BACKENDS = ("llamacpp", "mlx")
@@ -95,8 +95,12 @@ class RankConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algo: str = _f("dpo", "objective: pairwise dpo, or listwise grpo / ldl / listmle over the K candidates",
-                   choices=ALGOS)
+    algo: str = _f("dpo", "objective: pairwise dpo, or listwise grpo / ldl / listmle over the K candidates, "
+                   "or sft (NLL on the anchors only: nothing is sampled or scored)", choices=ALGOS)
+    # Not in the train fingerprint: when > 0 the warm-up is a stage of its own (round 0) whose fingerprint
+    # carries it and chains into every later stage; at 0 the fingerprints of existing runs stay as they were.
+    warmup_sft_epochs: int = _f(0, "SFT on the anchors for this many epochs before round 1 (the SFT -> PU-RL "
+                                "pipeline: round 1 samples from the SFT'd student)", min=0, max=1000, fingerprint=False)
     loss: str = _f("sigmoid", "dpo: loss variant", choices=DPO_LOSSES)
     label_smoothing: float = _f(0.0, "dpo sigmoid/robust: assumed fraction of flipped preferences", min=0.0, max=0.49)
     beta: float = _f(0.1, "dpo/ldl/listmle: scale of the policy/reference log-ratio; grpo: KL coefficient",

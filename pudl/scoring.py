@@ -4,13 +4,19 @@ Every candidate is scored with its prompt as context, in MLX, on the exact weigh
 - `anchor-likelihood`: mean token log-prob of the candidate when the anchor is shown in the user turn as a
   reference answer;
 - `anchor-gain`: that minus the mean token log-prob of the candidate without the anchor (how much seeing
-  the labelled positive makes the candidate more likely).
+  the labelled positive makes the candidate more likely);
+- `judge`: the student is asked to rate the candidate against the anchor from 1 to 5; the score is the expected
+  rating under its next-token probabilities over the five digit tokens (renormalised over them);
+- `chrf`: character n-gram F-score (n = 1..6, beta = 2) of the candidate against the anchor: a lexical
+  baseline that needs no model.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
 from pudl.cache import ANCHOR_IDX, Candidate, Pair
@@ -18,6 +24,11 @@ from pudl.prompts import Prompt, chat_messages
 from pudl.sequences import sequence_logprobs
 
 REFERENCE_TEMPLATE = "{prompt}\n\nA reference answer to this request is:\n{anchor}"
+JUDGE_TEMPLATE = ("Question: {prompt}\n\nReference answer: {anchor}\n\nCandidate answer: {candidate}\n\n"
+                  "Does the candidate answer say the same as the reference answer? Rate it from 1 (not at all) "
+                  "to 5 (exactly the same). Reply with one digit.")
+RATINGS = ("1", "2", "3", "4", "5")
+LIKELIHOOD_SCORERS = ("anchor-likelihood", "anchor-gain")  # computed together (one MLX pass, two contexts)
 
 
 def anchored_messages(prompt: Prompt, anchor: str) -> list[dict]:
@@ -49,8 +60,8 @@ class GroupScores:
         raise ValueError(scorer)
 
 
-def score_groups(student, tokenizer, groups: list[tuple[Prompt, str, list[Candidate]]],
-                 batch_size: int = 8) -> list[GroupScores]:
+def likelihood_scores(student, tokenizer, groups: list[tuple[Prompt, str, list[Candidate]]],
+                      batch_size: int = 8) -> list[GroupScores]:
     """Score every candidate (and the anchor itself) of several prompts with and without the anchor."""
     sequences = []
     for prompt, anchor, candidates in groups:
@@ -66,6 +77,84 @@ def score_groups(student, tokenizer, groups: list[tuple[Prompt, str, list[Candid
         out.append(GroupScores(likelihood=block[0:-2:2].copy(), plain=block[1:-2:2].copy(),
                                anchor_likelihood=float(block[-2]), anchor_plain=float(block[-1])))
         start += len(block)
+    return out
+
+
+def rating_token_ids(tokenizer) -> list[int]:
+    """The token id of each rating digit; each must be a single token for its probability to be read off."""
+    ids = [tokenizer.encode(r, special=False) for r in RATINGS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer splits a rating digit into several tokens: {ids}")
+    return [i[0] for i in ids]
+
+
+def judge_scores(student, tokenizer, items: list[tuple[Prompt, str, str]], batch_size: int = 8) -> np.ndarray:
+    """Expected 1..5 rating the student gives each (prompt, anchor, candidate text): sum_r r * p(r) with p the
+    next-token distribution after the judge prompt, renormalised over the rating digits."""
+    if not items:
+        return np.zeros(0)
+    rating_ids = mx.array(rating_token_ids(tokenizer))
+    values = mx.array(np.arange(1, len(RATINGS) + 1, dtype=np.float32))
+    contexts = [tokenizer.chat_tokens(chat_messages(p, JUDGE_TEMPLATE.format(prompt=p.prompt, anchor=a, candidate=c)))
+                for p, a, c in items]
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths share a batch
+    out = np.zeros(len(items))
+    head = mx.take(student.head_weight, rating_ids, axis=0)  # [5, H]: only the rating rows are needed
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(contexts[i]) for i in idx)
+        tokens = np.zeros((len(idx), width), np.int32)  # right-padded: causal attention keeps rows exact
+        for row, i in enumerate(idx):
+            tokens[row, : len(contexts[i])] = contexts[i]
+        hidden = student.hidden(mx.array(tokens))
+        last = hidden[mx.arange(len(idx)), mx.array([len(contexts[i]) - 1 for i in idx])]
+        probs = mx.softmax((last @ head.T).astype(mx.float32), axis=-1)
+        out[idx] = np.array(probs @ values)
+    return out
+
+
+def _ngrams(text: str, n: int) -> Counter:
+    return Counter(text[i : i + n] for i in range(len(text) - n + 1))
+
+
+def chrf(candidate: str, reference: str, max_n: int = 6, beta: float = 2.0) -> float:
+    """Character n-gram F-score in [0, 1]: precision and recall averaged over the orders n = 1..max_n that
+    both strings are long enough for (whitespace removed, as chrF does), combined with recall weighted beta."""
+    hyp, ref = "".join(candidate.split()), "".join(reference.split())
+    precisions, recalls = [], []
+    for n in range(1, max_n + 1):
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        if not h or not r:
+            break
+        match = sum((h & r).values())
+        precisions.append(match / sum(h.values()))
+        recalls.append(match / sum(r.values()))
+    if not precisions:
+        return float(hyp == ref)  # two empty strings agree; one empty against text shares nothing
+    p, r = float(np.mean(precisions)), float(np.mean(recalls))
+    return 0.0 if p + r == 0 else (1 + beta**2) * p * r / (beta**2 * p + r)
+
+
+def score_groups(student, tokenizer, groups: list[tuple[Prompt, str, list[Candidate]]],
+                 scorers=("anchor-likelihood", "anchor-gain", "judge", "chrf"),
+                 batch_size: int = 8) -> list[dict[str, tuple[np.ndarray, float]]]:
+    """For each group, scorer -> (candidate scores [K], the anchor's own score), for the `scorers` asked for."""
+    out: list[dict] = [{} for _ in groups]
+    if any(s in LIKELIHOOD_SCORERS for s in scorers):
+        for row, g in enumerate(likelihood_scores(student, tokenizer, groups, batch_size)):
+            for s in LIKELIHOOD_SCORERS:
+                if s in scorers:
+                    out[row][s] = (g.by(s), g.anchor_by(s))
+    if "judge" in scorers:
+        items = [(p, a, text) for p, a, cands in groups for text in [c.text for c in cands] + [a]]
+        values, start = judge_scores(student, tokenizer, items, batch_size), 0
+        for row, (_, _, cands) in enumerate(groups):
+            block = values[start : start + len(cands) + 1]
+            out[row]["judge"] = (block[:-1].copy(), float(block[-1]))
+            start += len(block)
+    if "chrf" in scorers:
+        for row, (_, a, cands) in enumerate(groups):
+            out[row]["chrf"] = (np.array([chrf(c.text, a) for c in cands]), chrf(a, a))
     return out
 
 
@@ -124,3 +213,89 @@ def roc_auc(scores, labels) -> float:
         return float("nan")
     diff = pos[:, None] - neg[None, :]
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def average_ranks(x) -> np.ndarray:
+    """Ranks 1..n of x ascending, ties sharing the mean of the ranks they span."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    start = 0
+    while start < len(x):
+        end = start
+        while end + 1 < len(x) and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson correlation of average ranks); nan when either side is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def _family(prompt_id: str) -> str:
+    from pudl.errors import UserError
+    from pudl.tasks import family_of
+
+    try:
+        return family_of(prompt_id)
+    except UserError:
+        return "other"
+
+
+def _agreement(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """Order-consistency figures over (prompt id, scores, strict, lenient) groups."""
+    scores = np.concatenate([r[1] for r in rows])
+    strict = np.concatenate([r[2] for r in rows])
+    lenient = np.concatenate([r[3] for r in rows])
+    graded = strict.astype(float) + lenient  # 0 wrong, 1 answer inside a longer reply, 2 exact answer
+    within, hits, mixed = [], 0, 0
+    for _, s, st, le in rows:
+        g = st.astype(float) + le
+        if g.min() != g.max():
+            within.append(spearman(s, g))
+        if le.any() and not le.all():
+            mixed += 1
+            hits += bool(le[int(np.argmax(s))] and not le[int(np.argmin(s))])
+    nan = float("nan")
+    return {"auc": roc_auc(scores, lenient), "auc_strict": roc_auc(scores, strict),
+            "spearman": spearman(scores, graded),
+            "spearman_within": float(np.nanmean(within)) if within and not np.all(np.isnan(within)) else nan,
+            "candidates": len(scores), "correct_fraction": float(lenient.mean()),
+            "strict_fraction": float(strict.mean()), "mixed_groups": mixed,
+            "best_vs_worst_correct": hits / mixed if mixed else nan}
+
+
+def order_consistency(prompts: list[Prompt], candidates: dict, scores: dict[str, dict[str, list[float]]]) -> dict:
+    """How well each scorer orders sampled candidates by verifier correctness, overall and per task family.
+
+    Per scorer: auc / auc_strict = P(a lenient- / strict-correct candidate outscores an incorrect one), pooled
+    over prompts; spearman = rank correlation of the scores with graded correctness (0 wrong, 1 lenient only,
+    2 strict), pooled; spearman_within = its mean within the groups whose correctness varies (what ranking a
+    group needs: scales may differ across prompts); best_vs_worst_correct = in groups mixing lenient-correct and
+    incorrect candidates, how often the best-scored is correct and the worst is not. Prompts without an answer
+    are skipped."""
+    from pudl.tasks import lenient_match, strict_match
+
+    out = {}
+    for scorer, by_prompt in scores.items():
+        rows = []
+        for p in prompts:
+            if p.answer is None or p.id not in by_prompt or p.id not in candidates:
+                continue
+            texts = [c.text for c in candidates[p.id]]
+            rows.append((p.id, np.asarray(by_prompt[p.id], float), np.array([strict_match(t, p.answer) for t in texts]),
+                         np.array([lenient_match(t, p.answer) for t in texts])))
+        if not rows:
+            continue
+        families: dict[str, list] = {}
+        for r in rows:
+            families.setdefault(_family(r[0]), []).append(r)
+        out[scorer] = {**_agreement(rows), "by_family": {f: _agreement(v) for f, v in sorted(families.items())}}
+    return out

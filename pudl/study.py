@@ -1,0 +1,265 @@
+"""`pudl study STUDY.toml`: several recipes ("arms") x seeds on the same prompts, one table at the end.
+
+Each arm x seed is an ordinary `pudl run` of a recipe with `--set` overrides in its own run directory
+(<out>/<arm>/seed-<s>), so a rerun of the study resumes every arm from its cache, and a finished arm is not
+even reopened (its result is kept in study-arm.json under a fingerprint of its recipe). The `base` arm is
+the untrained student: the held-out evaluation every run makes before training (`before` in summary.json).
+
+The study checks that every trained arm draws on the same teacher budget: the same training prompts and the
+same teacher settings, so each arm's anchors are the same one call per prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import sqlite3
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pudl.cache import fingerprint
+from pudl.errors import UserError
+from pudl.recipe import Recipe, load_recipe
+
+METRICS = ("strict_accuracy", "lenient_accuracy", "teacher_calls", "tokens_sampled", "wall_seconds")
+STUDY_KEYS = {"out", "recipe", "seeds", "set", "seed_cache", "title"}
+ARM_KEYS = {"name", "recipe", "set", "base", "label"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    recipe: str = ""  # empty: the study's recipe
+    overrides: tuple[str, ...] = ()
+    base: bool = False  # the untrained student (no run of its own)
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Study:
+    path: str
+    out: str
+    recipe: str
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+    seed_cache: str = ""  # a finished run dir whose cache each new arm starts from
+    title: str = "pudl study"
+    arms: tuple[Arm, ...] = field(default_factory=tuple)
+
+
+def _strings(value, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{key}: expected a list of strings like \"train.algo=sft\", got {value!r}")
+    return tuple(value)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; paths in it are relative to it (out: to the current directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: study file not found")
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+    for key in data:
+        if key not in ("study", "arm"):
+            raise UserError(f"{path}: [{key}]: unknown section (known: study, [[arm]])")
+    s = data.get("study", {})
+    for key in s:
+        if key not in STUDY_KEYS:
+            raise UserError(f"{path}: study.{key}: unknown key (known: {', '.join(sorted(STUDY_KEYS))})")
+    base = path.parent
+
+    def local(value: str, key: str) -> str:
+        p = base / value
+        if not p.exists():
+            raise UserError(f"{path}: {key}: not found: {p}")
+        return str(p)
+
+    if not isinstance(s.get("recipe"), str):
+        raise UserError(f"{path}: study.recipe: required (the recipe the arms start from)")
+    seeds = s.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise UserError(f"{path}: study.seeds: expected a non-empty list of integers, got {seeds!r}")
+    arms, names = [], set()
+    for i, a in enumerate(data.get("arm", [])):
+        where = f"{path}: arm {i + 1}"
+        for key in a:
+            if key not in ARM_KEYS:
+                raise UserError(f"{where}: {key}: unknown key (known: {', '.join(sorted(ARM_KEYS))})")
+        name = a.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise UserError(f"{where}: name: required, letters, digits, '-', '_' or '.' (it names a directory)")
+        if name in names:
+            raise UserError(f"{where}: name: {name!r} appears twice")
+        names.add(name)
+        arms.append(Arm(name, local(a["recipe"], f"arm {name}: recipe") if "recipe" in a else "",
+                        _strings(a.get("set", []), f"{where}: set"), bool(a.get("base", False)),
+                        str(a.get("label", ""))))
+    if not any(not a.base for a in arms):
+        raise UserError(f"{path}: at least one [[arm]] that trains is needed (the base arm reads its evaluation)")
+    return Study(str(path), s.get("out") or str(Path("runs") / f"study-{path.stem}"), local(s["recipe"], "study.recipe"),
+                 tuple(seeds), _strings(s.get("set", []), f"{path}: study.set"),
+                 local(s["seed_cache"], "study.seed_cache") if s.get("seed_cache") else "",
+                 str(s.get("title", "pudl study")), tuple(arms))
+
+
+def arm_recipe(study: Study, arm: Arm, seed: int) -> Recipe:
+    out = Path(study.out) / arm.name / f"seed-{seed}"
+    return load_recipe(arm.recipe or study.recipe, str(out), [*study.overrides, *arm.overrides, f"run.seed={seed}"])
+
+
+def _budget(recipe: Recipe) -> tuple:
+    """What decides the teacher calls: the training prompts and how the teacher is asked."""
+    return (Path(recipe.data.prompts).read_bytes(), recipe.section_dict("teacher"), recipe.student.n_ctx)
+
+
+def _seed_from(source: Path, run_dir: Path):
+    """Start a new arm from a copy of a finished run's cache (anchors, samples, scores) and its base
+    evaluation: stages whose fingerprints match are reused, the rest are recomputed as usual."""
+    if (run_dir / "cache.sqlite").exists() or not (source / "cache.sqlite").exists():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(source / "cache.sqlite") as src, sqlite3.connect(run_dir / "cache.sqlite") as dst:
+        src.backup(dst)  # consistent even if the source has a WAL
+    if (source / "eval-before.json").exists():
+        shutil.copyfile(source / "eval-before.json", run_dir / "eval-before.json")
+
+
+def _recipe_key(recipe: Recipe) -> str:
+    return fingerprint(dataclasses.asdict(dataclasses.replace(recipe, path="")))
+
+
+def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say) -> dict:
+    """Run (or resume, or reuse) one trained arm x seed; return its row."""
+    from pudl.loop import run
+
+    recipe = arm_recipe(study, arm, seed)
+    run_dir = Path(recipe.run.out)
+    record = run_dir / "study-arm.json"
+    key = _recipe_key(recipe)
+    if record.exists() and (run_dir / "summary.json").exists():
+        kept = json.loads(record.read_text())
+        if kept.get("recipe_key") == key:
+            say(f"{arm.name} seed {seed}: done before (kept in {record})")
+            return kept["row"]
+    if study.seed_cache:
+        _seed_from(Path(study.seed_cache), run_dir)
+    say(f"{arm.name} seed {seed}: running {recipe.path} in {run_dir}")
+    t0 = time.perf_counter()
+    summary = run(recipe, reporter_factory)
+    wall = time.perf_counter() - t0
+    after, before = summary.get("after") or {}, summary.get("before") or {}
+    row = {"arm": arm.name, "seed": seed, "run_dir": str(run_dir),
+           "strict_accuracy": after.get("strict_accuracy"), "lenient_accuracy": after.get("lenient_accuracy"),
+           "strict_by_family": after.get("strict_by_family"),
+           "teacher_calls": summary.get("anchors_used"), "tokens_sampled": summary.get("tokens_sampled"),
+           "wall_seconds": round(wall, 1), "phase_seconds": summary.get("phase_seconds"),
+           "reused_stages": summary.get("stages"),
+           "ranker": (summary.get("per_round") or [{}])[-1].get("ranker"), "before": before}
+    record.write_text(json.dumps({"recipe_key": key, "row": row}, indent=1, default=float))
+    return row
+
+
+def base_row(rows: list[dict], seed: int) -> dict:
+    """The untrained student: the base evaluation of a trained arm of this seed (identical across arms)."""
+    source = next(r for r in rows if r["seed"] == seed and r.get("before"))
+    b = source["before"]
+    return {"arm": "base", "seed": seed, "run_dir": source["run_dir"], "strict_accuracy": b.get("strict_accuracy"),
+            "lenient_accuracy": b.get("lenient_accuracy"), "strict_by_family": b.get("strict_by_family"),
+            "teacher_calls": 0, "tokens_sampled": 0,
+            "wall_seconds": round((source.get("phase_seconds") or {}).get("eval before", 0.0), 1)}
+
+
+def _mean_std(values: list) -> tuple[float, float]:
+    v = np.array([x for x in values if x is not None], float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(study: Study, rows: list[dict]) -> dict:
+    """Mean and std over seeds of every metric, per arm, in the study's arm order."""
+    arms = []
+    for arm in study.arms:
+        mine = [r for r in rows if r["arm"] == arm.name]
+        stats = {m: dict(zip(("mean", "std"), _mean_std([r.get(m) for r in mine]))) for m in METRICS}
+        arms.append({"arm": arm.name, "label": arm.label or arm.name, "seeds": [r["seed"] for r in mine], **stats})
+    return {"title": study.title, "study": study.path, "seeds": list(study.seeds), "arms": arms, "runs": rows}
+
+
+def _fmt(stat: dict, digits: int) -> str:
+    mean, std = stat["mean"], stat["std"]
+    if mean != mean:
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# {result['title']}", "",
+             f"Seeds: {', '.join(map(str, result['seeds']))}; mean ± std over seeds (std 0 with one seed). "
+             "Teacher calls = anchors the arm trained on (the same budget for every trained arm); tokens sampled = "
+             "candidate tokens generated for training; wall = this arm's own run time (stages reused from a "
+             "seeded cache excluded).", "",
+             "| arm | held-out strict | lenient | teacher calls | tokens sampled | wall s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for a in result["arms"]:
+        lines.append(f"| {a['label']} | {_fmt(a['strict_accuracy'], 3)} | {_fmt(a['lenient_accuracy'], 3)} | "
+                     f"{_fmt(a['teacher_calls'], 0)} | {_fmt(a['tokens_sampled'], 0)} | {_fmt(a['wall_seconds'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, path: Path):
+    """Strict and lenient held-out accuracy per arm, with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    arms = result["arms"]
+    x = np.arange(len(arms))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(arms) + 2), 3.6))
+    for offset, metric, name in ((-0.2, "strict_accuracy", "strict"), (0.2, "lenient_accuracy", "lenient")):
+        means = [a[metric]["mean"] for a in arms]
+        stds = [a[metric]["std"] for a in arms]
+        ax.bar(x + offset, np.nan_to_num(means), 0.4, yerr=np.nan_to_num(stds), capsize=3, label=name)
+    ax.set_xticks(x, [a["label"] for a in arms], rotation=20, ha="right")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(result["title"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_study(study: Study, reporter_factory, say=print) -> dict:
+    """Run every arm x seed (resuming), then write study.json, study.md and study.png under study.out."""
+    trained = [a for a in study.arms if not a.base]
+    recipes = {a.name: arm_recipe(study, a, study.seeds[0]) for a in trained}  # every recipe checked up front
+    budgets = {name: _budget(r) for name, r in recipes.items()}
+    first = trained[0].name
+    for name, b in budgets.items():
+        if b != budgets[first]:
+            raise UserError(f"{study.path}: arm {name} does not use the same training prompts and teacher as "
+                            f"arm {first}: the arms must share one teacher-call budget")
+    out = Path(study.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in study.seeds:
+        for arm in trained:
+            rows.append(run_arm(study, arm, seed, reporter_factory, say))
+    if any(a.base for a in study.arms):
+        rows += [{**base_row(rows, seed), "arm": a.name} for a in study.arms if a.base for seed in study.seeds]
+    result = aggregate(study, rows)
+    (out / "study.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "study.md").write_text(markdown(result))
+    bar_chart(result, out / "study.png")
+    return result

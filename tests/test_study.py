@@ -1,0 +1,81 @@
+"""`pudl study` on the tiny GGUF: real runs per arm, then the table, JSON and chart; reruns reuse the arms."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pudl.errors import UserError
+from pudl.study import load_study
+from tests.test_scorers import tiny_recipe
+
+
+def pudl(*args):
+    return subprocess.run([sys.executable, "-m", "pudl.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def write_study(tmp_path: Path, arms: str, extra: str = "") -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(f"""
+[study]
+out = "{tmp_path / 'study'}"
+recipe = "r.toml"
+seeds = [3]
+title = "tiny study"
+{extra}
+{arms}
+""")
+    return path
+
+
+ARMS = """
+[[arm]]
+name = "base"
+base = true
+[[arm]]
+name = "sft"
+set = ["train.algo=sft"]
+[[arm]]
+name = "pu-dpo"
+set = ["rank.pairs=anchor-vs-worst"]
+"""
+
+
+def test_tiny_study_writes_table_json_and_chart_from_real_runs(tmp_path, tiny_gguf):
+    tiny_recipe(tmp_path, tiny_gguf, 'algo = "dpo"')
+    study = write_study(tmp_path, ARMS)
+    out = pudl("study", str(study), "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = tmp_path / "study"
+    result = json.loads((d / "study.json").read_text())
+    assert [a["arm"] for a in result["arms"]] == ["base", "sft", "pu-dpo"]
+    runs = {r["arm"]: r for r in result["runs"]}
+    for arm in ("sft", "pu-dpo"):  # each trained arm is a real run with its own summary
+        summary = json.loads((d / arm / "seed-3" / "summary.json").read_text())
+        assert runs[arm]["strict_accuracy"] == summary["after"]["strict_accuracy"]
+        assert runs[arm]["teacher_calls"] == 3 and summary["stages"]["1"]["train"] == "computed"
+    assert runs["sft"]["tokens_sampled"] == 0 < runs["pu-dpo"]["tokens_sampled"]
+    assert runs["base"]["strict_accuracy"] == json.loads((d / "sft/seed-3/summary.json").read_text())["before"]["strict_accuracy"]
+    assert "judge" in runs["pu-dpo"]["ranker"]
+    table = (d / "study.md").read_text()
+    assert table.count("\n| ") == 5 and "| pu-dpo |" in table and "± 0.000" in table
+    assert (d / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mtime = (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns
+    again = pudl("study", str(study), "--quiet")
+    assert again.returncode == 0 and again.stderr.count("done before") == 2, again.stderr[-2000:]
+    assert (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns == mtime
+
+
+def test_study_mistakes_are_one_line(tmp_path, tiny_gguf):
+    tiny_recipe(tmp_path, tiny_gguf, 'algo = "dpo"')
+    with pytest.raises(UserError, match="arm 1: colour: unknown key"):
+        load_study(write_study(tmp_path, '[[arm]]\nname = "a"\ncolour = 1'))
+    with pytest.raises(UserError, match="at least one"):
+        load_study(write_study(tmp_path, '[[arm]]\nname = "b"\nbase = true'))
+    (tmp_path / "other.jsonl").write_text((tmp_path / "p.jsonl").read_text().splitlines()[0] + "\n")
+    study = write_study(tmp_path, '[[arm]]\nname = "a"\n[[arm]]\nname = "b"\nset = ["data.prompts=other.jsonl"]')
+    out = pudl("study", str(study))
+    assert out.returncode == 2 and "arm b does not use the same training prompts" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
