@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -58,35 +59,123 @@ PRE_TOKENIZERS = {
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # gguf TokenType values of added tokens
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+          12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
 class GGUFModel:
-    """A llama GGUF read with the `gguf` package: metadata fields and tensors by name."""
+    """A llama GGUF: metadata (value and GGUF type per key) and tensors by name.
 
-    def __init__(self, path: Path):
-        import gguf
+    Parsed here with `struct` rather than `gguf.GGUFReader`, which takes tens of seconds over a 49k-token
+    vocabulary on a slow machine; tensor data is memory-mapped and dequantized with `gguf.quants`.
+    """
 
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # a truncated or foreign file
+            self._parse()
+        except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
             raise UserError(f"{self.path}: cannot read as GGUF ({e})") from None
-        self.fields = {f.name: f for f in self.reader.fields.values()}
         self.arch = self.get("general.architecture")
         if self.arch != "llama":
             raise UserError(f"{self.path}: architecture {self.arch!r} is not supported (llama family only)")
 
+    def _parse(self):
+        import gguf
+
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        buf = memoryview(self._map)
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        pos = 24
+        self.fields: dict[str, tuple] = {}  # key -> (value, gguf type, array item type or None)
+        for _ in range(n_kv):
+            key, pos = _read_str(buf, pos)
+            (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+            value, sub, pos = _read_value(buf, pos, vtype)
+            self.fields[key] = (value, vtype, sub)
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = _read_str(buf, pos)
+            (n_dims,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+            dims, pos = struct.unpack_from(f"<{n_dims}Q", buf, pos), pos + 8 * n_dims
+            qtype, offset = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            infos.append((name, tuple(reversed(dims)), gguf.GGMLQuantizationType(qtype), offset))
+        alignment = int(self.get("general.alignment", 32))
+        start = pos + (-pos % alignment)
+        self.tensors = {}  # name -> (numpy shape [.., rows, cols], quantization type, raw bytes)
+        for name, shape, qtype, offset in infos:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            n_bytes = int(np.prod(shape)) // block * size
+            raw = self._map[start + offset: start + offset + n_bytes]
+            if len(raw) != n_bytes:
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            self.tensors[name] = (shape, qtype, raw)
+
     def get(self, key: str, default=None):
         field = self.fields.get(key)
-        return default if field is None else field.contents()
+        return default if field is None else field[0]
 
     def hparam(self, key: str, default=None):
         return self.get(f"{self.arch}.{key}", default)
 
-    def float_tensors(self, dtype=np.float32):
-        """(GGUF name, dequantized array in numpy [out, in] order), one tensor at a time."""
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor as float32 in numpy order ([out, in] for a linear weight), dequantized when quantized."""
+        from gguf import GGML_QUANT_SIZES
         from gguf.quants import dequantize
 
-        for t in self.reader.tensors:
-            yield t.name, np.ascontiguousarray(dequantize(t.data, t.tensor_type)).astype(dtype, copy=False)
+        shape, qtype, raw = self.tensors[name]
+        block, size = GGML_QUANT_SIZES[qtype]
+        rows = raw.reshape(*shape[:-1], shape[-1] // block * size)
+        return np.ascontiguousarray(dequantize(rows, qtype), dtype=np.float32).reshape(shape)
+
+    def float_tensors(self, dtype=np.float32):
+        """(GGUF name, dequantized array in numpy [out, in] order), one tensor at a time."""
+        for name in self.tensors:
+            yield name, self.tensor(name).astype(dtype, copy=False)
+
+
+    def copy_metadata(self, writer, replace: dict | None = None, skip=()):
+        """Add this file's metadata to a `gguf.GGUFWriter` (its own GGUF.* header keys and the architecture,
+        which the writer sets, left out), with `replace` values (same GGUF type) and without keys in `skip`."""
+        replace = replace or {}
+        for key, (value, vtype, sub) in self.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+                continue
+            writer.add_key_value(key, replace.get(key, value), vtype, sub_type=sub)
+
+
+def _read_str(buf, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8"), pos + 8 + n
+
+
+def _read_value(buf, pos: int, vtype: int):
+    """(value, array item type or None, next position) of one metadata value."""
+    if vtype == _STRING:
+        value, pos = _read_str(buf, pos)
+        return value, None, pos
+    if vtype in _SCALARS:
+        fmt = _SCALARS[vtype]
+        return struct.unpack_from(fmt, buf, pos)[0], None, pos + struct.calcsize(fmt)
+    if vtype != _ARRAY:
+        raise ValueError(f"unknown GGUF value type {vtype}")
+    sub, n = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if sub in _NUMPY:
+        items = np.frombuffer(buf, dtype=_NUMPY[sub], count=n, offset=pos)
+        return items.tolist(), sub, pos + items.nbytes
+    values = []
+    for _ in range(n):
+        value, _, pos = _read_value(buf, pos, sub)
+        values.append(value)
+    return values, sub, pos
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -124,15 +124,9 @@ def test_other_pre_tokenizers_match_llama_cpp(pre, tiny_gguf, tmp_path):
     from pudl.hfdir import hf_tokenizer
     from pudl.llamacpp import open_llama
 
-    source = GGUFModel(tiny_gguf).reader
     path = tmp_path / f"vocab-{pre}.gguf"
     writer = gguf.GGUFWriter(str(path), arch="llama")
-    for field in source.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = pre if field.name == "tokenizer.ggml.pre" else field.contents()
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
+    GGUFModel(tiny_gguf).copy_metadata(writer, replace={"tokenizer.ggml.pre": pre})
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -142,6 +136,18 @@ def test_other_pre_tokenizers_match_llama_cpp(pre, tiny_gguf, tmp_path):
     rng = random.Random()
     for text in [random_text(rng) for _ in range(30)] + ["x 1234567 y", "a\n\n\nb  c", "it's IT'S"]:
         assert hf.encode(text).ids == llm.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+def test_reader_agrees_with_gguf_package(tiny_gguf):
+    import gguf
+
+    ours, theirs = GGUFModel(tiny_gguf), gguf.GGUFReader(str(tiny_gguf))
+    for field in theirs.fields.values():
+        if not field.name.startswith("GGUF."):
+            assert ours.get(field.name) == field.contents(), field.name
+    for t in theirs.tensors:
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(ours.tensor(t.name), want.reshape(ours.tensors[t.name][0]))
 
 
 def test_not_a_gguf(tmp_path):
