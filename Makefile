@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; \
 	  else echo "note: install OpenBLAS for fast MLX on CPU: sudo apt-get install libopenblas0-pthread"; fi; \
 	fi
+	@# Debian/Ubuntu: headless Chromium, for the test that renders a run's report.html (skipped without it).
+	@if [ "$$(uname)" = Linux ] && ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: tests/test_report.py renders report.html in Chromium: sudo apt-get install chromium"; fi; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# llama-cpp-python compiles llama.cpp from source (several minutes on 2 cores).

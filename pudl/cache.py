@@ -109,6 +109,24 @@ class Cache:
         if fresh:
             os.chmod(self.path, 0o600)
 
+    @classmethod
+    def open_read_only(cls, path: str | Path) -> Cache:
+        """Open an existing cache for reading (reports, `pudl cache ls/show`): nothing is created or written."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no pudl cache here (is this a run directory?)")
+        self = cls.__new__(cls)
+        self.path = path
+        try:
+            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+            version = self._schema_version()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{path}: not a pudl cache ({e})") from None
+        if version != SCHEMA_VERSION:
+            self.db.close()
+            raise UserError(f"{path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}")
+        return self
+
     @contextlib.contextmanager
     def _write(self):
         """One transaction. A full disk (or any failed write) rolls it back, so nothing committed before is lost,
@@ -286,6 +304,51 @@ class Cache:
     def counts(self) -> dict[str, int]:
         tables = ("prompts", "anchors", "teacher_failures", "candidates", "scores", "pairs", "references_")
         return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}  # noqa: S608
+
+    # read-only views for reports and `pudl cache ls/show` -----------------------------------------
+    def prompt_rows(self) -> dict[str, tuple[str, str | None, str | None]]:
+        """prompt id -> (prompt, system, answer)."""
+        return {r[0]: r[1:] for r in self.db.execute("SELECT id, prompt, system, answer FROM prompts")}
+
+    def rounds(self) -> list[int]:
+        """Every round with a recorded stage or a candidate, ascending."""
+        rows = self.db.execute("SELECT round FROM stages UNION SELECT DISTINCT round FROM candidates ORDER BY 1")
+        return [r[0] for r in rows]
+
+    def stage_rows(self) -> list[tuple[int, str, bool]]:
+        """(round, stage, finished) for every recorded stage; finished False = begun and interrupted."""
+        rows = self.db.execute("SELECT round, stage, finished FROM stages ORDER BY round")
+        return sorted(((r, s, f > 0) for r, s, f in rows), key=lambda x: (x[0], STAGES.index(x[1])
+                                                                          if x[1] in STAGES else len(STAGES)))
+
+    def round_counts(self, round_: int) -> dict[str, int]:
+        """Rows one round holds: prompts sampled, candidates, scored prompts, score rows, pairs, reference rows."""
+        one = lambda sql: self.db.execute(sql, (round_,)).fetchone()[0]  # noqa: E731
+        return {
+            "prompts": one("SELECT COUNT(DISTINCT prompt_id) FROM candidates WHERE round=?"),
+            "candidates": one("SELECT COUNT(*) FROM candidates WHERE round=?"),
+            "scored": one("SELECT COUNT(*) FROM groups WHERE round=?"),
+            "scores": one("SELECT COUNT(*) FROM scores WHERE round=?"),
+            "pairs": one("SELECT COUNT(*) FROM pairs WHERE round=?"),
+            "references": one("SELECT COUNT(*) FROM references_ WHERE round=?"),
+        }
+
+    def ranked(self, round_: int, scorer: str, prompt_id: str | None = None) -> list[tuple[str, int, float, int, str]]:
+        """(prompt id, idx, score, rank, text) of scored candidates, best first per prompt; idx ANCHOR_IDX (rank
+        -1) is the anchor, whose text comes from the anchors table."""
+        sql = ("SELECT s.prompt_id, s.idx, s.score, s.rank, COALESCE(c.text, a.anchor, '') FROM scores s "
+               "LEFT JOIN candidates c ON c.round=s.round AND c.prompt_id=s.prompt_id AND c.idx=s.idx "
+               "LEFT JOIN anchors a ON s.idx=? AND a.prompt_id=s.prompt_id "
+               "WHERE s.round=? AND s.scorer=?")
+        args: tuple = (ANCHOR_IDX, round_, scorer)
+        if prompt_id is not None:
+            sql += " AND s.prompt_id=?"
+            args += (prompt_id,)
+        rows = self.db.execute(sql + " ORDER BY s.prompt_id, s.score DESC, s.idx", args)
+        return [tuple(r) for r in rows]
+
+    def scorers(self, round_: int) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT scorer FROM scores WHERE round=? ORDER BY 1", (round_,))]
 
 
 def fingerprint(*parts) -> str:

@@ -453,7 +453,21 @@ def _run(recipe: Recipe, reporter_factory) -> dict:
         }
         write_json(run_dir / "summary.json", summary)
         state.cache.close()
+        _write_report(run_dir, recipe, rep)
         return summary
+
+
+def _write_report(run_dir: Path, recipe: Recipe, rep: Reporter):
+    """report.html from what the run wrote. Everything the run made is on disk already: a failure to draw the
+    report is a warning (`pudl report RUN_DIR` retries), never a failed run."""
+    try:
+        from pudl.html_report import write_report
+
+        rep.say(f"report: {write_report(run_dir, recipe)}")
+    except Exception as e:  # noqa: BLE001 (any plotting or rendering failure)
+        rep.console.print(f"[yellow]warning: report.html not written ({escape(type(e).__name__)}: {escape(str(e))}); "
+                          f"retry with: pudl report {escape(str(run_dir))}", highlight=False)
+        rep.log("report", error=f"{type(e).__name__}: {e}")
 
 
 def _brief(result: dict | None) -> dict | None:

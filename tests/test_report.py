@@ -1,0 +1,166 @@
+"""report.html from a real tiny run (the tiny random GGUF as the student), rendered in headless Chromium.
+
+The run is real end to end; the only thing the test changes between runs is the training prompts' answers, set
+afterwards to a word one sampled candidate contains, so that the rerun's self-ranker-vs-verifier figures are finite.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pudl.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROKEN_PNG = "data:image/png;base64,iVBORw0KGgoAAAAN"  # a PNG cut short: the control image that must not load
+
+
+def pudl(*args):
+    return subprocess.run([sys.executable, "-m", "pudl.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=900)
+
+
+def images(page: str) -> list[str]:
+    return re.findall(r'<img [^>]*src="([^"]*)"', page)
+
+
+def png_size(uri: str) -> tuple[int, int]:
+    """Width and height from the PNG header of a data URI."""
+    head, _, data = uri.partition(",")
+    assert head == "data:image/png;base64"
+    raw = base64.b64decode(data)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def chromium_image_sizes(page: Path, tmp_path: Path) -> list[list]:
+    """Open the page in headless Chromium (no network: a dead proxy) and return [complete, naturalWidth,
+    naturalHeight] per image, written into the DOM by a script added to a copy of the page."""
+    probe = """<img alt="control" src="%s"><script>window.addEventListener('load', () => {
+      const out = document.createElement('pre'); out.id = 'probe';
+      out.textContent = JSON.stringify([...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]));
+      document.body.appendChild(out);});</script>""" % BROKEN_PNG
+    copy = tmp_path / "probe.html"
+    copy.write_text(page.read_text().replace("</body>", probe + "</body>"))
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # the test's OpenBLAS preload aborts Chromium
+    out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+                          "--virtual-time-budget=15000", "--dump-dom", copy.as_uri()],
+                         capture_output=True, text=True, timeout=180, env=env)
+    found = re.findall(r'<pre id="probe">(.*?)</pre>', out.stdout, re.S)
+    assert found, (out.returncode, out.stderr[-2000:])
+    sizes = json.loads(found[0])
+    assert sizes[-1][1] == 0, "the broken control image loaded: the probe cannot tell"
+    return sizes[:-1]
+
+
+def write_recipe(tmp_path: Path, model: Path) -> Path:
+    lines = (ROOT / "recipes/data/tasks-train.jsonl").read_text().splitlines()
+    (tmp_path / "p.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (tmp_path / "e.jsonl").write_text("\n".join(lines[3:5]) + "\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+[run]
+out = "{tmp_path / 'run'}"
+rounds = 2
+[student]
+model = "{model}"
+n_ctx = 256
+threads = 1
+[data]
+prompts = "p.jsonl"
+eval = "e.jsonl"
+[sample]
+k = 3
+max_tokens = 8
+[train]
+epochs = 1
+batch_size = 2
+[lora]
+rank = 2
+targets = ["q_proj", "v_proj"]
+[eval]
+max_tokens = 6
+""")
+    return recipe
+
+
+def answers_from_candidates(run: Path, prompts: Path) -> int:
+    """Give each prompt as answer a word that its first round-1 candidate contains and its others lack (where
+    one exists), so the verifier sees correct and incorrect candidates. Returns how many prompts got one."""
+    with sqlite3.connect(run / "cache.sqlite") as db:
+        texts: dict[str, list[str]] = {}
+        for pid, text in db.execute("SELECT prompt_id, text FROM candidates WHERE round=1 ORDER BY prompt_id, idx"):
+            texts.setdefault(pid, []).append(text)
+    rows, changed = [json.loads(line) for line in prompts.read_text().splitlines()], 0
+    for row in rows:
+        cands = texts.get(row["id"], [])
+        for word in re.findall(r"[A-Za-z]{3,}", cands[0] if cands else ""):
+            if not any(re.search(rf"(?i)(?<![^\W_]){word}(?![^\W_])", c) for c in cands[1:]):
+                row["answer"], changed = word, changed + 1
+                break
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return changed
+
+
+def test_run_writes_report_that_chromium_renders(tmp_path, tiny_gguf):
+    from pudl.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, tiny_gguf)
+    first = pudl("run", str(recipe), "--quiet")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "run"
+    page = (run / "report.html").read_text()
+    assert len(images(page)) == 3  # training, accuracy, scores; the ranker has nothing to agree with yet
+    assert "No agreement figures" in page
+    resolved = load_recipe(run / "recipe.toml")  # the resolved recipe the report shows, loadable as is
+    assert dataclasses.replace(resolved, path="") == dataclasses.replace(load_recipe(recipe), path="")
+
+    # Rerun with answers the candidates can match; the report cannot be written (a directory in its place):
+    # the run still succeeds, with a warning.
+    assert answers_from_candidates(run, tmp_path / "p.jsonl") >= 1
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()
+    second = pudl("run", str(recipe), "--quiet")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "warning: report.html not written" in second.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    aucs = [r["ranker"]["anchor-likelihood"]["auc"] for r in summary["per_round"]]
+    assert any(math.isfinite(a) for a in aucs)
+
+    (run / "report.html").rmdir()
+    again = pudl("report", str(run))
+    assert again.returncode == 0, again.stderr[-3000:]
+    page = (run / "report.html").read_text()
+    uris = images(page)
+    assert len(uris) == 4  # + the ranker's agreement with the verifier
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the file
+    for section in ("Training", "Held-out accuracy", "Self-ranking scores", "Self-ranker vs verifier", "Recipe"):
+        assert f"<h2>{section}</h2>" in page
+    sizes = [png_size(u) for u in uris]
+    assert all(w > 100 and h > 100 for w, h in sizes)
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (apt-get install chromium; `make install` does it as root)")
+    rendered = chromium_image_sizes(run / "report.html", tmp_path)
+    assert [r[0] for r in rendered] == [True] * 4
+    assert [tuple(r[1:]) for r in rendered] == sizes  # every image decoded at its own size
+
+
+def test_report_of_a_directory_that_is_no_run(tmp_path):
+    from pudl.html_report import write_report
+
+    with pytest.raises(UserError, match="not a pudl run directory"):
+        write_report(tmp_path)
+    assert pudl("report", str(tmp_path / "missing")).returncode == 2
