@@ -217,7 +217,7 @@ def report(run_dir):
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False), default="recipe.toml")
 @click.option("--model", default="smollm2-135m", show_default=True,
-              help="student.model: 'smollm2-135m' or a local .gguf path.")
+              help="student.model: 'smollm2-135m', a local .gguf or Hugging Face directory, or a hub id.")
 @click.option("--teacher", type=click.Choice(["openai", "llamacpp", "jsonl", "tasks"]), default="tasks",
               show_default=True, help="teacher.backend: where the anchors come from.")
 @click.option("--teacher-path", type=click.Path(dir_okay=False),
