@@ -63,15 +63,46 @@ def _source_files(src: Path) -> list[Path]:
     return [src / n for n in SOURCE_FILES if (src / n).is_file()] + weights
 
 
-def source_hash(src: Path, quant: str) -> str:
+def _file_sha256(path: Path, memo: dict) -> str:
+    """sha256 of a file's content, remembered in `memo` under its resolved path, size and mtime (a multi-GB
+    checkpoint is hashed once, not at every run)."""
+    real = path.resolve()
+    st = real.stat()
+    key = str(real)
+    if memo.get(key, [None])[:2] == [st.st_size, st.st_mtime_ns]:
+        return memo[key][2]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    memo[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return memo[key][2]
+
+
+def source_hash(src: Path, quant: str, memo: dict | None = None) -> str:
     """sha256 over the directory's model files (names and contents), the quantization and the converter version."""
+    memo = {} if memo is None else memo
     h = hashlib.sha256(f"pudl-convert/{CONVERTER_VERSION}/{quant}".encode())
     for path in _source_files(src):
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        h.update(f"{path.name}\0{_file_sha256(path, memo)}\0".encode())
     return h.hexdigest()
+
+
+def _load_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text())
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_memo(path: Path, memo: dict):
+    try:
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only a speed-up: the next run hashes again
 
 
 def hf_to_gguf(src: Path, quant: str = "q8_0", cache_dir: Path | None = None) -> Path:
@@ -81,13 +112,16 @@ def hf_to_gguf(src: Path, quant: str = "q8_0", cache_dir: Path | None = None) ->
     src = Path(src)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     name = re.sub(r"[^\w.-]", "_", src.name)
-    out = cache_dir / f"{name}-{source_hash(src, quant)[:16]}-{quant}.gguf"
-    if out.is_file():
-        return out
+    memo_path = cache_dir / "hashes.json"
+    memo = _load_memo(memo_path)
+    out = cache_dir / f"{name}-{source_hash(src, quant, memo)[:16]}-{quant}.gguf"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the GGUF cache {cache_dir} ({e}); set PUDL_CACHE_DIR") from None
+    _save_memo(memo_path, memo)
+    if out.is_file():
+        return out
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     try:
         write_gguf(src, tmp, quant)
@@ -170,6 +204,31 @@ def _hf_tensors(src: Path):
             yield name, np.array(tensors.pop(name).astype(mx.float32))
 
 
+def _tensor_count(src: Path) -> int:
+    """Tensors in the directory's safetensors files, from their JSON headers (for the progress bar)."""
+    n = 0
+    for path in src.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            try:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            except ValueError:
+                continue  # _hf_tensors reports the unreadable file
+        n += sum(1 for k in header if k != "__metadata__")
+    return n
+
+
+def _progress(items, total: int, what: str):
+    """`items`, with a transient rich progress bar on a terminal (conversion takes a while for real models)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as progress:
+        task = progress.add_task(what, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)
+
+
 def _write_tensor(writer, name: str, data: np.ndarray, quant: str):
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -225,7 +284,7 @@ def write_gguf(src: Path, out: Path, quant: str):
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(scaling, theta, head_dim))
 
     seen = set()
-    for hf_name, data in _hf_tensors(src):
+    for hf_name, data in _progress(_hf_tensors(src), _tensor_count(src), f"converting {src.name} to GGUF {quant}"):
         name = _gguf_name(hf_name)
         if name is None or (tie and name.startswith("output.")):
             continue

@@ -60,7 +60,7 @@ def train_tokenizer(family: str, vocab_size: int = 360):
 
 def write_tiny_hf(path: Path, family: str, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
                   kv_heads: int = 2, ffn: int = 128, head_dim: int | None = None, tie: bool | None = None,
-                  rope_scaling: dict | None = None) -> Path:
+                  rope_scaling: dict | None = None, vocab_size: int | None = None) -> Path:
     """Write a tiny random `family` model as a Hugging Face directory at `path`; returns `path`."""
     import mlx.core as mx
 
@@ -69,7 +69,7 @@ def write_tiny_hf(path: Path, family: str, seed: int = 0, hidden: int = 64, laye
     tok = train_tokenizer(family)
     tok.save(str(path / "tokenizer.json"))
     n_tok = tok.get_vocab_size()
-    vocab = (n_tok + 31) // 32 * 32 + 32  # padded embedding rows, as real checkpoints have
+    vocab = max(vocab_size or 0, (n_tok + 31) // 32 * 32 + 32)  # padded embedding rows, as real checkpoints have
     head_dim = head_dim or hidden // heads
     tie = (family in ("qwen2", "llama")) if tie is None else tie
     ids = tok.get_vocab()
@@ -122,3 +122,31 @@ def write_tiny_hf(path: Path, family: str, seed: int = 0, hidden: int = 64, laye
     mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v) for k, v in t.items()},
                         metadata={"format": "pt"})
     return path
+
+
+def measure(seeds: int = 3):
+    """Print MLX-student vs llama.cpp and vs mlx-lm-on-HF log-prob gaps per family and quantization (docs/models.md)."""
+    import tempfile
+
+    from pudl.convert import hf_to_gguf
+    from pudl.models import Tokenizer, load_student
+    from tests.test_convert import FAMILIES as SHAPES
+    from tests.test_convert import chat_tokens, hf_logprobs, llama_cpp_logprobs, student_logprobs
+
+    root = Path(tempfile.mkdtemp())
+    print("family seed quant | vs llama.cpp: mean max argmax-agree | vs HF (mlx-lm): mean max")
+    for seed in range(seeds):
+        for family, shape in SHAPES.items():
+            src = write_tiny_hf(root / f"{family}{seed}", family, seed=seed, **shape)
+            for quant in ("f32", "f16", "q8_0", "q4_0"):
+                path = hf_to_gguf(src, quant, root / "cache")
+                tokens = chat_tokens(Tokenizer(path))
+                got = student_logprobs(load_student(path, 4, 8.0, ["q_proj"]), tokens)
+                lcpp, hf = np.abs(got - llama_cpp_logprobs(path, tokens)), np.abs(got - hf_logprobs(src, tokens))
+                agree = (got.argmax(-1) == llama_cpp_logprobs(path, tokens).argmax(-1)).mean()
+                print(f"{family:8s} {seed} {quant:5s} | {lcpp.mean():.2e} {lcpp.max():.2e} {agree:.2f} | "
+                      f"{hf.mean():.2e} {hf.max():.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    measure()
