@@ -82,6 +82,16 @@ def add_ceiling(result: dict, kind: str, n_params: int, key: str = "pudl_tok_s")
     result["pudl_fraction_of_ceiling"] = rate / ceiling if ceiling and rate else None
 
 
+def n_params(model: str = "smollm2-135m") -> int:
+    """The student's parameter count from its GGUF tensor shapes (read with pudl.hfdir's fast parser, no load)."""
+    import numpy as np
+
+    from pudl.hfdir import GGUFModel
+    from pudl.models import resolve_model_path
+
+    return int(sum(int(np.prod(shape)) for shape, _, _ in GGUFModel(resolve_model_path(model)).tensors.values()))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, None when either is missing (a peer that did not run)."""
     return a / b if a is not None and b else None

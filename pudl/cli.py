@@ -101,9 +101,12 @@ def _print_summary(summary: dict):
 
 @main.command()
 @click.argument("study_file", metavar="STUDY.toml", type=click.Path(dir_okay=False))
+@click.option("--arm", "arms", multiple=True, metavar="NAME",
+              help="Run only this arm (repeatable; e.g. two studies side by side); the table still shows "
+                   "every arm finished so far.")
 @click.option("--quiet", is_flag=True, help="No progress bars; one line per arm and the final table.")
 @user_errors
-def study(study_file, quiet):
+def study(study_file, arms, quiet):
     """Run every arm of STUDY.toml (a recipe + overrides) for each seed and compare them.
 
     Each arm x seed is a `pudl run` in its own directory under study.out, so rerunning the study resumes
@@ -117,7 +120,7 @@ def study(study_file, quiet):
 
     s = load_study(study_file)
     result = run_study(s, lambda d: Reporter(d, err_console, quiet=quiet),
-                       say=lambda m: err_console.print(escape(m), highlight=False))
+                       say=lambda m: err_console.print(escape(m), highlight=False), only=tuple(arms))
     from pudl.study import markdown
 
     click.echo(markdown(result))
@@ -242,7 +245,7 @@ def init(path, model, teacher, teacher_path, data, force):
     click.echo(f"next: pudl run {path}")
 
 
-BENCHES = ("kernels", "sampling")
+BENCHES = ("kernels", "sampling", "e2e")
 
 
 @main.command()
@@ -271,6 +274,9 @@ def bench(name, as_json, out, tiny):
         click.echo(line, err=as_json)
     if as_json:
         click.echo(json.dumps(result, default=str))
+
+
+main.add_command(__import__("pudl.cache_cli", fromlist=["cache"]).cache)  # `pudl cache ...` (pudl/cache_cli.py)
 
 
 def entry():

@@ -41,3 +41,18 @@ def test_bench_sampling_tiny_compares_the_three_samplers(tmp_path):
     # --tiny skips the sgemm measurement: no ceiling, said as null rather than made up
     assert result["machine"]["sgemm_gflops"] is None and result["decode_ceiling_tok_s"] is None
     assert result["decode_flops_per_token"] == 2 * result["n_params"] > 10**8
+
+
+def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
+    result = _bench_tiny("e2e", tmp_path)
+    first, second = result["scaling"]
+    assert first["candidates"] * 2 == second["candidates"] == result["phase_prompts"] * result["phase_k"]
+    assert result["phases"] == second["phase_seconds"]
+    for phase in ("sample", "score", "reference", "train", "eval before", "eval after"):
+        assert result["phases"][phase] > 0
+    assert sum(result["phases"].values()) <= second["wall_seconds"]
+    assert second["generated_tokens"] > 0 and second["train_steps"] >= 1 and second["peak_rss_bytes"] > 2**20
+    # the rerun of a finished recipe recomputes nothing
+    assert all(v is None for k, v in result["rerun_phase_seconds"].items() if k != "teacher")
+    assert result["rerun_speedup"] == result["first_run_seconds"] / result["rerun_seconds"]
+    assert result["train_flops_per_token"] == 6 * result["n_params"]
