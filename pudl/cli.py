@@ -276,6 +276,36 @@ def bench(name, as_json, out, tiny):
         click.echo(json.dumps(result, default=str))
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--to", "fmt", required=True, metavar="mlx|peft|gguf-lora|gguf-fused",
+              help="mlx: mlx-lm adapter dir; peft: PEFT LoRA dir; gguf-lora: llama.cpp LoRA; gguf-fused: one GGUF "
+                   "with the adapter merged (for Ollama / llama.cpp without --lora).")
+@click.option("--out", required=True, type=click.Path(), help="File (gguf-*) or directory (mlx, peft) to write.")
+@click.option("--quant", default="q8_0", show_default=True, metavar="q8_0|q4_0|f16|f32",
+              help="gguf-fused: weight type of the merged GGUF.")
+@click.option("--base", help="The run's student (.gguf or built-in name); default: from the run's recipe.")
+@click.option("--hf-base", type=click.Path(file_okay=False),
+              help="mlx, peft: the Hugging Face base directory the adapter is for (written from the GGUF if "
+                   "missing); recorded in adapter_config.json.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@user_errors
+def export(run_dir, fmt, out, quant, base, hf_base, force):
+    """Export RUN_DIR's final adapter for other tools (see docs/export.md).
+
+    The adapter is the last round's; every format computes W + (alpha/r)·B·A on the same base weights.
+    """
+    from pudl.export import export_run
+
+    info = export_run(run_dir, fmt, out, base=base, quant=quant, hf_base=hf_base, force=force)
+    click.echo(f"wrote {info['format']} to {info['out']} (rank {info['rank']}, alpha {info['alpha']:g}, "
+               f"targets {','.join(info['targets'])}; from {info['adapter']})")
+    if fmt == "gguf-fused":
+        click.echo(f"Ollama Modelfile line: FROM {info['out']}")
+    elif info.get("hf_base") and info["hf_base"] == info["base"]:
+        click.echo("note: pass --hf-base DIR to write the Hugging Face base this adapter loads on")
+
+
 main.add_command(__import__("pudl.cache_cli", fromlist=["cache"]).cache)  # `pudl cache ...` (pudl/cache_cli.py)
 
 

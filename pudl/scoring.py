@@ -21,12 +21,16 @@ import numpy as np
 
 from pudl.cache import ANCHOR_IDX, Candidate, Pair
 from pudl.prompts import Prompt, chat_messages
-from pudl.sequences import sequence_logprobs
+from mlx_lm.models.cache import KVCache
+
+from pudl.sequences import _prefix, sequence_logprobs
 
 REFERENCE_TEMPLATE = "{prompt}\n\nA reference answer to this request is:\n{anchor}"
-JUDGE_TEMPLATE = ("Question: {prompt}\n\nReference answer: {anchor}\n\nCandidate answer: {candidate}\n\n"
-                  "Does the candidate answer say the same as the reference answer? Rate it from 1 (not at all) "
-                  "to 5 (exactly the same). Reply with one digit.")
+# The instruction comes first and the candidate last, so one prompt's judge contexts share a long token prefix
+# that is decoded once (its KV cache reused by every candidate).
+JUDGE_TEMPLATE = ("Rate from 1 (not at all) to 5 (exactly the same) how much the candidate answer says the same as "
+                  "the reference answer. Reply with one digit.\n\nQuestion: {prompt}\n\nReference answer: {anchor}"
+                  "\n\nCandidate answer: {candidate}")
 RATINGS = ("1", "2", "3", "4", "5")
 LIKELIHOOD_SCORERS = ("anchor-likelihood", "anchor-gain")  # computed together (one MLX pass, two contexts)
 
@@ -90,27 +94,50 @@ def rating_token_ids(tokenizer) -> list[int]:
 
 def judge_scores(student, tokenizer, items: list[tuple[Prompt, str, str]], batch_size: int = 8) -> np.ndarray:
     """Expected 1..5 rating the student gives each (prompt, anchor, candidate text): sum_r r * p(r) with p the
-    next-token distribution after the judge prompt, renormalised over the rating digits."""
+    next-token distribution after the judge prompt, renormalised over the rating digits.
+
+    Contexts of the same (prompt, anchor) share their token prefix: it is decoded once and its KV cache reused,
+    only each candidate's remaining tokens run per candidate (same tokens as the full context: exact)."""
     if not items:
         return np.zeros(0)
-    rating_ids = mx.array(rating_token_ids(tokenizer))
+    head = mx.take(student.head_weight, mx.array(rating_token_ids(tokenizer)), axis=0)  # [5, H]: rating rows
     values = mx.array(np.arange(1, len(RATINGS) + 1, dtype=np.float32))
     contexts = [tokenizer.chat_tokens(chat_messages(p, JUDGE_TEMPLATE.format(prompt=p.prompt, anchor=a, candidate=c)))
                 for p, a, c in items]
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths share a batch
+    by_source: dict[tuple, list[int]] = {}
+    for i, (p, a, _) in enumerate(items):
+        by_source.setdefault((p.id, p.prompt, a), []).append(i)
     out = np.zeros(len(items))
-    head = mx.take(student.head_weight, rating_ids, axis=0)  # [5, H]: only the rating rows are needed
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(contexts[i]) for i in idx)
-        tokens = np.zeros((len(idx), width), np.int32)  # right-padded: causal attention keeps rows exact
-        for row, i in enumerate(idx):
-            tokens[row, : len(contexts[i])] = contexts[i]
-        hidden = student.hidden(mx.array(tokens))
-        last = hidden[mx.arange(len(idx)), mx.array([len(contexts[i]) - 1 for i in idx])]
-        probs = mx.softmax((last @ head.T).astype(mx.float32), axis=-1)
-        out[idx] = np.array(probs @ values)
+    for members in by_source.values():
+        shared = min(len(contexts[i]) for i in members) - 1  # every member keeps >= 1 token of its own
+        first = contexts[members[0]]
+        for i in members[1:]:
+            shared = next((k for k in range(shared) if contexts[i][k] != first[k]), shared)
+        states, _ = _prefix(student, first[:shared]) if shared > 0 else (None, None)
+        members = sorted(members, key=lambda i: len(contexts[i]))
+        for start in range(0, len(members), batch_size):
+            idx = members[start : start + batch_size]
+            last = _last_hidden(student, states, [contexts[i][shared:] for i in idx])
+            out[idx] = np.array(mx.softmax((last @ head.T).astype(mx.float32), axis=-1) @ values)
     return out
+
+
+def _last_hidden(student, states, suffixes: list[list[int]]) -> mx.array:
+    """Hidden state [n, H] after the last token of each suffix, continuing a decoded prefix (`states`, or none).
+    Suffixes are right-padded: causal attention keeps every row's real positions exact."""
+    n, width = len(suffixes), max(len(x) for x in suffixes)
+    tokens = np.zeros((n, width), np.int32)
+    for row, x in enumerate(suffixes):
+        tokens[row, : len(x)] = x
+    caches = None
+    if states is not None:
+        caches = []
+        for keys, values in states:
+            cache = KVCache()
+            cache.state = (mx.repeat(keys, n, axis=0), mx.repeat(values, n, axis=0), keys.shape[2])
+            caches.append(cache)
+    hidden = student.model.model(mx.array(tokens), cache=caches)
+    return hidden[mx.arange(n), mx.array([len(x) - 1 for x in suffixes])]
 
 
 def _ngrams(text: str, n: int) -> Counter:

@@ -137,8 +137,8 @@ def _recipe_key(recipe: Recipe) -> str:
     return fingerprint(dataclasses.asdict(dataclasses.replace(recipe, path="")))
 
 
-def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say) -> dict:
-    """Run (or resume, or reuse) one trained arm x seed; return its row."""
+def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say, execute: bool = True) -> dict | None:
+    """Run (or resume, or reuse) one trained arm x seed; return its row (None: not run and `execute` is off)."""
     from pudl.loop import run
 
     recipe = arm_recipe(study, arm, seed)
@@ -150,6 +150,9 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say) -> dict:
         if kept.get("recipe_key") == key:
             say(f"{arm.name} seed {seed}: done before (kept in {record})")
             return kept["row"]
+    if not execute:
+        say(f"{arm.name} seed {seed}: not run yet (left out by --arm)")
+        return None
     if study.seed_cache:
         _seed_from(Path(study.seed_cache), run_dir)
     say(f"{arm.name} seed {seed}: running {recipe.path} in {run_dir}")
@@ -170,7 +173,9 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say) -> dict:
 
 def base_row(rows: list[dict], seed: int) -> dict:
     """The untrained student: the base evaluation of a trained arm of this seed (identical across arms)."""
-    source = next(r for r in rows if r["seed"] == seed and r.get("before"))
+    source = next((r for r in rows if r["seed"] == seed and r.get("before")), None)
+    if source is None:
+        return None
     b = source["before"]
     return {"arm": "base", "seed": seed, "run_dir": source["run_dir"], "strict_accuracy": b.get("strict_accuracy"),
             "lenient_accuracy": b.get("lenient_accuracy"), "strict_by_family": b.get("strict_by_family"),
@@ -240,8 +245,13 @@ def bar_chart(result: dict, path: Path):
     plt.close(fig)
 
 
-def run_study(study: Study, reporter_factory, say=print) -> dict:
-    """Run every arm x seed (resuming), then write study.json, study.md and study.png under study.out."""
+def run_study(study: Study, reporter_factory, say=print, only: tuple[str, ...] = ()) -> dict:
+    """Run every arm x seed (resuming; with `only`, just those arms, the others' finished results are still
+    reported), then write study.json, study.md and study.png under study.out."""
+    unknown = set(only) - {a.name for a in study.arms}
+    if unknown:
+        raise UserError(f"--arm {sorted(unknown)[0]}: no such arm in {study.path} "
+                        f"(arms: {', '.join(a.name for a in study.arms)})")
     trained = [a for a in study.arms if not a.base]
     recipes = {a.name: arm_recipe(study, a, study.seeds[0]) for a in trained}  # every recipe checked up front
     budgets = {name: _budget(r) for name, r in recipes.items()}
@@ -255,9 +265,11 @@ def run_study(study: Study, reporter_factory, say=print) -> dict:
     rows = []
     for seed in study.seeds:
         for arm in trained:
-            rows.append(run_arm(study, arm, seed, reporter_factory, say))
-    if any(a.base for a in study.arms):
-        rows += [{**base_row(rows, seed), "arm": a.name} for a in study.arms if a.base for seed in study.seeds]
+            row = run_arm(study, arm, seed, reporter_factory, say, execute=not only or arm.name in only)
+            if row is not None:
+                rows.append(row)
+    base_rows = [(a, base_row(rows, seed)) for a in study.arms if a.base for seed in study.seeds]
+    rows += [{**row, "arm": a.name} for a, row in base_rows if row is not None]
     result = aggregate(study, rows)
     (out / "study.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "study.md").write_text(markdown(result))

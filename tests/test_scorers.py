@@ -112,7 +112,9 @@ def test_judge_is_the_expected_rating_of_an_unbatched_float64_forward(tiny):
 
     student, tok = tiny
     p = Prompt(id="capitals-000", prompt="Which city is the capital of Norway?", answer="Oslo")
+    q = Prompt(id="antonyms-000", prompt="What is the opposite of hot?", answer="cold")
     items = [(p, "Oslo", t) for t in ("Oslo", "Bergen is the answer, I think, not Oslo", "", "Oslo.")]
+    items += [(q, "cold", "cold"), (p, "Oslo", "Oslo")]  # another prompt; a repeated candidate (whole context shared)
     got = judge_scores(student, tok, items, batch_size=3)  # mixed lengths in one padded batch
     ids = rating_token_ids(tok)
     head = np.array(student.head_weight, np.float64)[ids]
@@ -208,19 +210,6 @@ max_tokens = 4
 def count(db: Path, sql: str) -> int:
     with sqlite3.connect(db) as c:
         return c.execute(sql).fetchone()[0]
-
-
-def test_sft_only_run_samples_nothing(tmp_path, tiny_gguf):
-    out = pudl("run", str(tiny_recipe(tmp_path, tiny_gguf, 'algo = "sft"')), "--quiet")
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = tmp_path / "run"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["tokens_sampled"] == 0 and summary["anchors_used"] == 3
-    assert count(run / "cache.sqlite", "SELECT COUNT(*) FROM candidates") == 0
-    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [s for s in steps if s["kind"] == "step"]
-    assert [s["step"] for s in train_steps] == [1, 2] and all("nll/anchor" in s for s in train_steps)
-    assert (run / "round-1" / "adapter.gguf").stat().st_size > 0
 
 
 def test_sft_warmup_then_dpo_is_one_recipe_and_reruns_from_the_cache(tmp_path, tiny_gguf):

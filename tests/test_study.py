@@ -1,6 +1,7 @@
 """`pudl study` on the tiny GGUF: real runs per arm, then the table, JSON and chart; reruns reuse the arms."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -57,13 +58,18 @@ def test_tiny_study_writes_table_json_and_chart_from_real_runs(tmp_path, tiny_gg
         assert runs[arm]["strict_accuracy"] == summary["after"]["strict_accuracy"]
         assert runs[arm]["teacher_calls"] == 3 and summary["stages"]["1"]["train"] == "computed"
     assert runs["sft"]["tokens_sampled"] == 0 < runs["pu-dpo"]["tokens_sampled"]
+    with sqlite3.connect(d / "sft/seed-3/cache.sqlite") as c:  # SFT-only samples nothing
+        assert c.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 0
+    steps = [json.loads(x) for x in (d / "sft/seed-3/metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["kind"] == "step"] == [1, 2]  # 3 anchors, batch 2, 1 epoch
+    assert all("nll/anchor" in s for s in steps if s["kind"] == "step")
     assert runs["base"]["strict_accuracy"] == json.loads((d / "sft/seed-3/summary.json").read_text())["before"]["strict_accuracy"]
     assert "judge" in runs["pu-dpo"]["ranker"]
     table = (d / "study.md").read_text()
     assert table.count("\n| ") == 5 and "| pu-dpo |" in table and "± 0.000" in table
     assert (d / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mtime = (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns
-    again = pudl("study", str(study), "--quiet")
+    again = pudl("study", str(study), "--quiet", "--arm", "sft")
     assert again.returncode == 0 and again.stderr.count("done before") == 2, again.stderr[-2000:]
     assert (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns == mtime
 
