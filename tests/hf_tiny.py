@@ -148,5 +148,33 @@ def measure(seeds: int = 3):
                       f"{hf.mean():.2e} {hf.max():.2e}", flush=True)
 
 
+def measure_conversion(quants=("q8_0", "q4_0")):
+    """Time hf_to_gguf on a random model with Qwen2.5-0.5B's shapes: first conversion and a cached lookup."""
+    import shutil
+    import tempfile
+    import time
+
+    from pudl.convert import hf_to_gguf
+
+    root = Path(tempfile.mkdtemp())
+    try:
+        src = write_tiny_hf(root / "q05", "qwen2", hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864,
+                            vocab_size=151936)
+        size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e6
+        print(f"safetensors {size:.0f} MB", flush=True)
+        for quant in quants:
+            t = time.time()
+            path = hf_to_gguf(src, quant, root / "cache")
+            first = time.time() - t
+            t = time.time()
+            hf_to_gguf(src, quant, root / "cache")
+            print(f"{quant}: convert {first:.1f} s, cached lookup {time.time() - t:.2f} s, "
+                  f"{path.stat().st_size / 1e6:.0f} MB", flush=True)
+    finally:
+        shutil.rmtree(root)
+
+
 if __name__ == "__main__":
-    measure()
+    import sys
+
+    measure_conversion() if sys.argv[1:] == ["convert"] else measure()
