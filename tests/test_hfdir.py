@@ -59,14 +59,17 @@ def test_files_and_config(hf_dir, tiny_gguf):
         write_hf_dir(tiny_gguf, hf_dir)
 
 
-def _gguf_layout_reference(gguf_path, config: dict):
+def gguf_layout_reference(gguf_path, config: dict, deltas: dict | None = None):
     """The model pudl computes: exact float32 dequantized GGUF tensors in GGUF (rope-permuted) row order with
-    llama.cpp's interleaved rope, independent of write_hf_dir's unpermuting."""
+    llama.cpp's interleaved rope, independent of write_hf_dir's unpermuting; `deltas` (GGUF name -> [out, in]
+    float64) are added to the weights first."""
     from mlx_lm.models import llama
 
     from pudl.models import _mlx_name
 
-    weights = {_mlx_name(n): mx.array(w) for n, w in GGUFModel(gguf_path).float_tensors()}
+    deltas = deltas or {}
+    weights = {_mlx_name(n): mx.array((w + deltas[n]).astype(np.float32) if n in deltas else w)
+               for n, w in GGUFModel(gguf_path).float_tensors()}
     args = llama.ModelArgs(
         model_type="llama", hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
         intermediate_size=config["intermediate_size"], num_attention_heads=config["num_attention_heads"],
@@ -88,7 +91,7 @@ def test_mlx_lm_load_matches_student(hf_dir, tiny_gguf):
     ids = ours.chat_tokens([{"role": "user", "content": random_text(random.Random())}])
     x = mx.array([ids])
     got = log_softmax(model(x))
-    reference = log_softmax(_gguf_layout_reference(tiny_gguf, json.loads((hf_dir / "config.json").read_text()))(x))
+    reference = log_softmax(gguf_layout_reference(tiny_gguf, json.loads((hf_dir / "config.json").read_text()))(x))
     np.testing.assert_allclose(got, reference, atol=2e-4)
     # pudl's student itself (its MLX dequantization rounds weights through float16, hence the wider bound)
     student = load_student(tiny_gguf, 2, 4.0, ["q_proj"], dequantize=True)
