@@ -115,13 +115,20 @@ def answers_from_candidates(run: Path, prompts: Path) -> int:
     return changed
 
 
-def test_run_writes_report_that_chromium_renders(tmp_path, tiny_gguf):
-    from pudl.recipe import load_recipe
-
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_gguf):
+    """A finished 2-round run of the tiny model: (its folder, the recipe, the run directory)."""
+    tmp_path = tmp_path_factory.mktemp("tiny_run")
     recipe = write_recipe(tmp_path, tiny_gguf)
     first = pudl("run", str(recipe), "--quiet")
     assert first.returncode == 0, first.stderr[-3000:]
-    run = tmp_path / "run"
+    return tmp_path, recipe, tmp_path / "run"
+
+
+def test_run_writes_report_that_chromium_renders(tiny_run):
+    from pudl.recipe import load_recipe
+
+    tmp_path, recipe, run = tiny_run
     page = (run / "report.html").read_text()
     assert len(images(page)) == 3  # training, accuracy, scores; the ranker has nothing to agree with yet
     assert "No agreement figures" in page
@@ -164,3 +171,65 @@ def test_report_of_a_directory_that_is_no_run(tmp_path):
     with pytest.raises(UserError, match="not a pudl run directory"):
         write_report(tmp_path)
     assert pudl("report", str(tmp_path / "missing")).returncode == 2
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of rich tables in `output` (cells split on the vertical bar)."""
+    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in output.splitlines()
+            if line.startswith("│")]
+
+
+def test_cache_ls_and_show(tiny_run, monkeypatch):
+    from click.testing import CliRunner
+
+    from pudl.cli import main
+    from pudl.tasks import lenient_match, strict_match
+
+    _, _, run = tiny_run
+    monkeypatch.setenv("COLUMNS", "300")  # one table row per line
+
+    def cli(*args):
+        return CliRunner().invoke(main, ["cache", *args], catch_exceptions=False)
+
+    with sqlite3.connect(run / "cache.sqlite") as db:
+        one = lambda sql, *a: db.execute(sql, a).fetchone()[0]  # noqa: E731
+        want = [[str(r), str(one("SELECT COUNT(DISTINCT prompt_id) FROM candidates WHERE round=?", r)),
+                 str(one("SELECT COUNT(*) FROM candidates WHERE round=?", r)),
+                 str(one("SELECT COUNT(*) FROM groups WHERE round=?", r)),
+                 str(one("SELECT COUNT(*) FROM scores WHERE round=?", r)),
+                 str(one("SELECT COUNT(*) FROM pairs WHERE round=?", r)),
+                 str(one("SELECT COUNT(*) FROM references_ WHERE round=?", r))] for r in (1, 2)]
+        answers = dict(db.execute("SELECT id, answer FROM prompts"))
+        cands = {(p, i): t for p, i, t in db.execute("SELECT prompt_id, idx, text FROM candidates WHERE round=2")}
+        first = db.execute("SELECT prompt_id FROM groups WHERE round=2 ORDER BY prompt_id").fetchone()[0]
+        order = db.execute("SELECT idx, rank FROM scores WHERE round=2 AND prompt_id=? AND "
+                           "scorer='anchor-likelihood' ORDER BY score DESC, idx", (first,)).fetchall()
+    out = cli("ls", str(run))
+    assert out.exit_code == 0, out.output
+    rows = table_rows(out.output)
+    assert [r[:7] for r in rows[:2]] == want
+    assert rows[2:] == [["1", "done", "done", "done", "done"], ["2", "done", "done", "done", "done"]]
+
+    out = cli("show", str(run), "--prompt", first)  # the latest round by default
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("round 2 · scorer anchor-likelihood")
+    rows = table_rows(out.output)
+    assert len(rows) == len(order)  # the K candidates and the anchor, best first
+    for row, (idx, rank) in zip(rows, order):
+        label, score, mark, text = row
+        assert label == ("anchor" if idx == -1 else str(rank))
+        if idx >= 0:
+            reply = cands[(first, idx)]
+            assert text == reply.strip()
+            assert mark == ("✓" if strict_match(reply, answers[first]) else
+                            "~" if lenient_match(reply, answers[first]) else "✗")
+    out = cli("show", str(run), "--round", "1", "--limit", "2")
+    assert out.exit_code == 0 and out.output.startswith("round 1 ·") and "showing 2" in out.output
+
+    for args, needle in ((["show", str(run), "--round", "9"], "--round 9: not in the cache (rounds: 1, 2)"),
+                         (["show", str(run), "--prompt", "nope"], "--prompt nope: no such prompt id"),
+                         (["show", str(run), "--scorer", "nonesuch"], "--scorer nonesuch: not in round 2"),
+                         (["ls", str(run.parent)], "no pudl cache here")):
+        out = cli(*args)
+        assert out.exit_code == 2 and needle in out.output, out.output
+    assert not (run.parent / "cache.sqlite").exists()  # looking never creates a cache
