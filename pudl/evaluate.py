@@ -36,16 +36,23 @@ def anchor_scores(student, tokenizer, prompts: list[Prompt], anchors: dict[str, 
 def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, anchors: dict[str, str] | None = None,
              max_tokens: int = 32, on_prompt=None) -> dict:
     """Greedy replies to `prompts`, scored against their answers and (with a student) their anchors."""
+    replies: dict[str, str] = {}
+
+    def done(p: Prompt, candidates):
+        replies[p.id] = candidates[0].text
+        if on_prompt:
+            on_prompt(p)
+
+    # All prompts in one batched generation (greedy: the seed draws nothing).
+    sampler.generate([(p, 0) for p in prompts], 1, 0.0, max_tokens, 0, 1.0, 0.0, done)
     rows, by_family = [], defaultdict(list)
     for p in prompts:
-        reply = sampler.sample(p, k=1, temperature=0.0, max_tokens=max_tokens, seed=0)[0].text
+        reply = replies[p.id]
         row = {"id": p.id, "reply": reply}
         if p.answer is not None:
             row["strict"], row["lenient"] = strict_match(reply, p.answer), lenient_match(reply, p.answer)
             by_family[_family(p.id)].append(row["strict"])
         rows.append(row)
-        if on_prompt:
-            on_prompt(p)
     result: dict = {"n": len(prompts)}
     judged = [r for r in rows if "strict" in r]
     if judged:
