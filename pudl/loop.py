@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from pudl import adapters
 from pudl.cache import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Cache, Pair, fingerprint
+from pudl.distributed import SINGLE, World, follow, init_world
 from pudl.errors import TeacherError, UserError
 from pudl.evaluate import evaluate, ranker_agreement
 from pudl.losses import LOSSES
@@ -62,8 +63,9 @@ class RunLock:
 class Run:
     """State shared by the stages of one `pudl run`."""
 
-    def __init__(self, recipe: Recipe, reporter: Reporter):
+    def __init__(self, recipe: Recipe, reporter: Reporter, world: World = SINGLE):
         self.recipe = recipe
+        self.world = world  # this process is rank 0 of it: the other ranks only train (pudl.distributed)
         self.rep = reporter
         self.run_dir = Path(recipe.run.out)
         self.cache = Cache(self.run_dir / "cache.sqlite")
@@ -281,25 +283,25 @@ class Run:
         algo = algo or t.algo
         refs = self.cache.references(round_)
         seed = self.recipe.run.seed + round_
-        if algo == "sft":
-            batches, skipped = sft_batches(list(comp.prompts), comp, t, seed, epochs)
-        elif algo == "dpo":
-            batches, skipped = dpo_batches(pairs, refs, comp, t, seed)
-        else:
-            batches, skipped = group_batches(groups, refs, comp, t, seed)
+        batches, skipped = training_batches(t, pairs, groups, refs, comp, seed, self.world.shard, algo, epochs)
         unit = {"dpo": "pair", "sft": "anchor"}.get(algo, "group")
         if skipped:
             self.rep.say(f"round {round_}: {skipped} {unit}(s) longer than train.max_seq_len={t.max_seq_len} skipped")
         if not batches:
             raise UserError(f"round {round_}: nothing to train on: no {unit} survived ranking "
                             "(see rank.pairs, sample.k and the group statuses in metrics.jsonl)")
+        if self.world.size > 1:  # the other ranks build their slices of the same batches from this job
+            self.world.broadcast_object({
+                "cfg": t, "algo": algo, "epochs": epochs, "pairs": pairs, "groups": groups, "refs": refs,
+                "prompts": comp.prompts, "anchors": comp.anchors, "candidates": comp.candidates, "seed": seed,
+                "fingerprint": fp, "checkpoint_every": t.checkpoint_every})
         with self.rep.phase("train", len(batches), round_) as advance:
             def on_step(step, row):
                 self.rep.log("step", round=round_, **row)
                 advance()
 
             result = train(self.student, batches, LOSSES[algo], t, checkpoint_dir=round_dir, fingerprint=fp,
-                           checkpoint_every=t.checkpoint_every, on_step=on_step)
+                           checkpoint_every=t.checkpoint_every, on_step=on_step, world=self.world)
         if result.resumed_from:
             self.rep.say(f"round {round_}: training resumed from step {result.resumed_from}")
         with self.rep.phase("export", 2, round_) as advance:
@@ -363,23 +365,38 @@ def _kill_hook(rep: Reporter) -> Reporter:
     return rep
 
 
-def run(recipe: Recipe, reporter_factory=Reporter) -> dict:
-    """Run a recipe to the end (resuming from the cache) and return the summary."""
+def training_batches(t, pairs: list[Pair], groups: list[Group], refs: dict, comp: Completions, seed: int,
+                     shard: tuple[int, int] = (0, 1), algo: str | None = None, epochs: int | None = None):
+    """The round's (batches, skipped) for `algo` (default t.algo); this rank's slices when `shard` = (rank, size)."""
+    algo = algo or t.algo
+    if algo == "sft":
+        return sft_batches(list(comp.prompts), comp, t, seed, epochs)
+    if algo == "dpo":
+        return dpo_batches(pairs, refs, comp, t, seed, shard)
+    return group_batches(groups, refs, comp, t, seed, shard)
+
+
+def run(recipe: Recipe, reporter_factory=Reporter) -> dict | None:
+    """Run a recipe to the end (resuming from the cache) and return the summary. Under a distributed launcher
+    rank 0 runs it and the other ranks only train with it (`pudl.distributed.follow`; they return None)."""
+    world = init_world()
+    if not world.is_main:
+        return follow(recipe, world)
     previous = os.umask(0o077)  # all the run writes is user-only: prompts, anchors, adapters, logs
     try:
-        return _run(recipe, reporter_factory)
+        return _run(recipe, reporter_factory, world)
     finally:
         os.umask(previous)
 
 
-def _run(recipe: Recipe, reporter_factory) -> dict:
+def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
     run_dir = Path(recipe.run.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     t0 = time.perf_counter()
     with RunLock(run_dir):
         rep = _kill_hook(reporter_factory(run_dir))
-        state = Run(recipe, rep)
+        state = Run(recipe, rep, world)
         if not state.usable:
             raise UserError(f"{recipe.data.prompts}: no prompt fits student.n_ctx={recipe.student.n_ctx} tokens")
         anchors = state.collect_anchors()
@@ -450,9 +467,11 @@ def _run(recipe: Recipe, reporter_factory) -> dict:
             "phase_seconds": {k: round(v, 2) for k, v in rep.phase_seconds.items()},
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "adapter": str(run_dir / "adapter.gguf"),
+            "ranks": world.size,  # training processes (mlx.launch); each trained train.batch_size items per step
         }
         write_json(run_dir / "summary.json", summary)
         state.cache.close()
+        world.broadcast_object(None)  # the other ranks' follow() returns
         _write_report(run_dir, recipe, rep)
         return summary
 

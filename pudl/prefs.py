@@ -6,6 +6,7 @@ come from the cache (computed once, adapter disabled); the sampler's log-probs a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -104,24 +105,41 @@ def _epochs(items: list, cfg, seed: int, epochs: int | None = None):
             yield [items[i] for i in order[start : start + cfg.batch_size]]
 
 
-def dpo_batches(pairs: list[Pair], refs: dict, comp: Completions, cfg, seed: int) -> tuple[list[TrainBatch], int]:
-    """Pair batches laid out [chosen0, rejected0, chosen1, ...] with cached reference sequence log-probs."""
+def _rank_slices(items: list, cfg, seed: int, shard: tuple[int, int]):
+    """(this rank's slice of every global batch, its weight) for shard = (rank, size): a global batch is
+    size x cfg.batch_size items of the one seeded order, cut into `size` near-equal consecutive slices. A rank
+    whose slice of a short last batch is empty gets the batch's first item with weight 0 (every rank must run
+    every step). With shard (0, 1) these are exactly the batches of a single process."""
+    rank, size = shard
+    if size > 1:
+        cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * size)
+    for chunk in _epochs(items, cfg, seed):
+        mine = chunk[rank * len(chunk) // size : (rank + 1) * len(chunk) // size]
+        yield (mine, len(mine)) if mine else (chunk[:1], 0)
+
+
+def dpo_batches(pairs: list[Pair], refs: dict, comp: Completions, cfg, seed: int,
+                shard: tuple[int, int] = (0, 1)) -> tuple[list[TrainBatch], int]:
+    """Pair batches laid out [chosen0, rejected0, chosen1, ...] with cached reference sequence log-probs
+    (this rank's slices when `shard` = (rank, size) of a distributed run)."""
     usable = [p for p in pairs if _fits([comp.sequence(p.prompt_id, i) for i in (p.chosen_idx, p.rejected_idx)],
                                         cfg.max_seq_len)]
     batches = []
-    for chunk in _epochs(usable, cfg, seed):
+    for chunk, weight in _rank_slices(usable, cfg, seed, shard):
         keys = [(p.prompt_id, i) for p in chunk for i in (p.chosen_idx, p.rejected_idx)]
         ref = np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)
         extras = {"ref_logps": mx.array(ref), "is_anchor": _anchor_flags(keys)}
-        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE), extras, len(chunk)))
+        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE), extras, weight))
     return batches, len(pairs) - len(usable)
 
 
-def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed: int) -> tuple[list[TrainBatch], int]:
-    """Group batches: members laid out group-major, with slot indices mapping them onto a [G, K] grid."""
+def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed: int,
+                  shard: tuple[int, int] = (0, 1)) -> tuple[list[TrainBatch], int]:
+    """Group batches: members laid out group-major, with slot indices mapping them onto a [G, K] grid
+    (this rank's slices when `shard` = (rank, size) of a distributed run)."""
     usable = [g for g in groups if _fits([comp.sequence(g.prompt_id, m) for m in g.members], cfg.max_seq_len)]
     batches = []
-    for chunk in _epochs(usable, cfg, seed):
+    for chunk, weight in _rank_slices(usable, cfg, seed, shard):
         keys = [(g.prompt_id, m) for g in chunk for m in g.members]
         width = max(len(g.members) for g in chunk)
         slots = np.full((len(chunk), width), len(keys), np.int32)  # padding points past the end
@@ -143,7 +161,7 @@ def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed:
             extras["advantages"] = mx.array(adv[valid > 0])  # group-major = sequence order
             extras["ref_tokens"] = aligned(seqs, [refs[k] for k in keys])
             extras["old_tokens"] = aligned(seqs, [behaviour(comp, refs, *k) for k in keys])
-        batches.append(TrainBatch(seqs, extras, len(chunk)))
+        batches.append(TrainBatch(seqs, extras, weight))
     return batches, len(groups) - len(usable)
 
 

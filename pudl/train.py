@@ -22,6 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from pudl.distributed import SINGLE, World
 from pudl.errors import UserError, write_failed
 from pudl.losses import TrainBatch
 from pudl.sequences import SeqBatch, batch_token_logprobs
@@ -76,12 +77,20 @@ def load_checkpoint(directory: Path, student, optimizer, fingerprint: str) -> in
 
 
 def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_dir: Path, fingerprint: str,
-          checkpoint_every: int = 50, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run the optimizer over `batches` in order (epochs already laid out by the caller) with `loss_fn`."""
+          checkpoint_every: int = 50, on_step: Callable[[int, dict], None] | None = None,
+          world: World = SINGLE) -> TrainResult:
+    """Run the optimizer over `batches` in order (epochs already laid out by the caller) with `loss_fn`.
+
+    In a distributed run (`world.size` > 1) `batches` are this rank's slices of the global batches: rank 0's
+    state is shared first, every step's loss, metrics and gradients are averaged over the ranks before the
+    finite check and the update (so every rank decides and updates alike), and only rank 0 checkpoints."""
     model = student.model
     optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    start = load_checkpoint(checkpoint_dir, student, optimizer, fingerprint)
+    if world.size > 1:  # a checkpoint's steps count global batches of this many ranks: resume only with as many
+        fingerprint = f"{fingerprint}/{world.size}-ranks"
+    start = load_checkpoint(checkpoint_dir, student, optimizer, fingerprint) if world.is_main else 0
+    start = world.sync_training_state(student, optimizer, start)
 
     def objective(_model, batch):
         return loss_fn(batch_token_logprobs(student, batch.seqs), batch, cfg)
@@ -102,6 +111,11 @@ def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_di
         t_step = time.perf_counter()
         loss, metrics, grads, grad_sq = gradients(batch.seqs.inputs, batch.seqs.targets, batch.seqs.mask,
                                                   batch.extras)
+        n_tok = batch.seqs.n_tokens
+        if world.size > 1:  # the weighted mean over the global batch, identical on every rank
+            loss, metrics, grads = world.weighted_mean((loss, metrics, grads), batch.n_items)
+            grad_sq = sum((g * g).sum() for _, g in tree_flatten(grads))
+            n_tok = int(world.all_sum(mx.array(n_tok)).item())
         mx.eval(loss, metrics, grads, grad_sq)
         loss_value = float(loss)
         if not (math.isfinite(loss_value) and math.isfinite(float(grad_sq))):
@@ -111,14 +125,13 @@ def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_di
                             f"{kept} (lower train.learning_rate?)")
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)
-        n_tok = batch.seqs.n_tokens
         tokens += n_tok
         if on_step:
             row = {"step": step + 1, "loss": loss_value, **{k: float(v) for k, v in metrics.items()},
                    "tokens_per_s": n_tok / max(time.perf_counter() - t_step, 1e-9),
                    "peak_memory_bytes": int(mx.get_peak_memory())}
             on_step(step + 1, row)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == len(batches):
+        if world.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == len(batches)):
             save_checkpoint(checkpoint_dir, student, optimizer, step + 1, fingerprint)
             saved = step + 1
     return TrainResult(len(batches), start, tokens, time.perf_counter() - t0)
