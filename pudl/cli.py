@@ -245,7 +245,7 @@ def init(path, model, teacher, teacher_path, data, force):
     click.echo(f"next: pudl run {path}")
 
 
-BENCHES = ("kernels", "sampling", "e2e")
+BENCHES = ("kernels", "sampling", "e2e", "train")
 
 
 @main.command()

@@ -56,3 +56,23 @@ def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
     assert all(v is None for k, v in result["rerun_phase_seconds"].items() if k != "teacher")
     assert result["rerun_speedup"] == result["first_run_seconds"] / result["rerun_seconds"]
     assert result["train_flops_per_token"] == 6 * result["n_params"]
+
+
+def test_bench_train_tiny_runs_pudl_and_whatever_peers_are_installed(tmp_path):
+    import importlib.util
+
+    result = _bench_tiny("train", tmp_path)
+    assert result["steps"] == 1 and result["tokens"] > 0
+    assert result["pudl_tok_s"] == result["tokens"] / result["runs"]["pudl"]["seconds"]
+    assert result["pudl_peak_memory_bytes"] > 2**20 and result["runs"]["pudl"]["lora_params"] > 0
+    needs = {"mlx_lm_lora": ["mlx_lm_lora"], "trl": ["trl", "peft", "torch", "datasets"]}
+    for peer, modules in needs.items():
+        installed = all(importlib.util.find_spec(m) is not None for m in modules)
+        if installed:  # it ran, in its own process, on the same tokens
+            assert result[f"{peer}_tok_s"] == result["tokens"] / result["runs"][peer]["seconds"], result["skipped"]
+            assert result[f"{peer}_peak_memory_bytes"] > 2**20
+        else:  # a missing peer: null figures and the reason, pudl's still measured
+            assert result[f"{peer}_tok_s"] is None and result[f"{peer}_peak_memory_bytes"] is None
+            assert "not installed" in result["skipped"][peer]
+    ratio = result["ratio_vs_trl"]
+    assert ratio is None if result["trl_tok_s"] is None else ratio == result["pudl_tok_s"] / result["trl_tok_s"]
