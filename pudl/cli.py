@@ -257,7 +257,17 @@ BENCHES = ("kernels", "sampling", "e2e", "train")
 def bench(name, as_json, out, tiny):
     """Run benchmark NAME: pudl side by side with its peers in one run, as ratios.
 
-    Figures depend on the machine; compare ratios measured in the same run.
+    Figures depend on the machine; compare ratios measured in the same run. Each also reports the measured
+    sgemm GFLOP/s, the tokens/s that rate allows (the ceiling) and the fraction pudl reaches.
+
+    \b
+    kernels   fused log-prob kernel vs naive (a minute)
+    sampling  K candidates/prompt: pudl batched vs llama-cpp-python vs mlx-lm batch_generate (~5 min)
+    e2e       real `pudl run`s of a reduced demo: a round by phase, prompts x K doubled 3 times, cached
+              rerun (~10 min on 2 cores; larger: python -m pudl.bench.e2e --prompts 8 --k 4)
+    train     one LoRA-DPO epoch: pudl vs mlx-lm-lora vs TRL+PEFT (~10 min; peers need the bench extra)
+
+    With --out F.json the plot goes to F.png. Details: docs/benchmarks.md.
     """
     import importlib
     from pathlib import Path
