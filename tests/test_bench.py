@@ -50,7 +50,7 @@ def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
     assert result["phases"] == second["phase_seconds"]
     for phase in ("sample", "score", "reference", "train", "eval before", "eval after"):
         assert result["phases"][phase] > 0
-    assert sum(result["phases"].values()) <= second["wall_seconds"]
+    assert sum(v for v in result["phases"].values() if v) <= second["wall_seconds"]
     assert second["generated_tokens"] > 0 and second["train_steps"] >= 1 and second["peak_rss_bytes"] > 2**20
     # the rerun of a finished recipe recomputes nothing
     assert all(v is None for k, v in result["rerun_phase_seconds"].items() if k != "teacher")
