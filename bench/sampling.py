@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None):
         return
     result = run(a.prompts, a.k, a.max_tokens, a.json_out, a.repeats, a.threads, a.tiny)
     result["command"] = "python -m pudl.bench.sampling " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.json_out:  # again, with the command, and the plot beside it
+        Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, Path(a.json_out).with_suffix(".png"))
     for line in lines(result):
         print(line, file=sys.stderr)
     print(json.dumps(result))
