@@ -188,8 +188,14 @@ def plot_training(steps: list[dict]) -> bytes | None:
             twin.legend(fontsize=8, loc="lower right")
         ax.set_title("throughput and memory")
         ax.legend(fontsize=8, loc="upper left")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:  # the twin axis too
+        ax.ticklabel_format(axis="y", useOffset=False)  # a flat curve reads as its value, not "1e-6 + 0.0787"
     for ax in axes:
         ax.set_xlabel("optimizer step")
+        ax.set_xlim(0.5, len(steps) + 0.5)  # one step axis for all panels, whichever rounds logged a metric
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         for b in boundaries:
             ax.axvline(b, color="0.4", linestyle=":", linewidth=1)
@@ -319,10 +325,10 @@ def _cell(value) -> str:
     return f"<td>{html.escape('' if value is None else str(value))}</td>"
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _image(png: bytes | None, alt: str, caption: str, missing: str) -> str:
@@ -384,7 +390,7 @@ def render_html(data: RunData) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class='sub'>{html.escape(str(data.run_dir.resolve()))}"
              + ("" if s else " · <b>no summary.json yet: the run has not finished</b>") + "</p>",
-             "<h2>Summary</h2>", _table(["", ""], _summary_rows(s, data.evals))]
+             "<h2>Summary</h2>", _table(None, _summary_rows(s, data.evals))]
     algo_note = "pairwise DPO" if any("logps/chosen" in r for r in data.steps) else "listwise: chosen = best-ranked"
     parts += ["<h2>Training</h2>", _image(
         plot_training(data.steps), "training metrics per step",
