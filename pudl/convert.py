@@ -38,7 +38,8 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
-SPLIT_PRE = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2"}
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's own
+SPLIT_PRE = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2", _GPT2_RE: "gpt-2"}
 SOURCE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 
 
@@ -305,19 +306,26 @@ def write_gguf(src: Path, out: Path, quant: str):
 def _pre_tokenizer(tok: dict, path: Path) -> str:
     """llama.cpp's name for the tokenizer.json pre-tokenizer (llama.cpp reimplements each one by name)."""
     pre = tok.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    splits = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if len(splits) == 1 and splits[0] in SPLIT_PRE and kinds == ["Split", "ByteLevel"] \
-            and not byte_level[0].get("use_regex", True):
-        return SPLIT_PRE[splits[0]]
-    if kinds == ["ByteLevel"] and byte_level[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level[0].get("use_regex"):
-        return "smollm"
-    raise UserError(f"student.model: {path}: this pre-tokenizer ({' + '.join(map(str, kinds))}) is not one pudl "
-                    "can map to llama.cpp; convert with llama.cpp's convert_hf_to_gguf.py and use the .gguf")
+    steps = []
+    for step in pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]:
+        kind = step.get("type")
+        if kind == "ByteLevel" and step.get("use_regex", True):  # = the GPT-2 split, then bytes
+            steps += [("Split", _GPT2_RE), ("ByteLevel", None)]
+        elif kind == "Split":
+            steps.append(("Split", step.get("pattern", {}).get("Regex")))
+        elif kind == "Digits":
+            steps.append(("Digits", bool(step.get("individual_digits"))))
+        else:
+            steps.append((kind, None))
+    if steps[-1:] == [("ByteLevel", None)]:
+        body = steps[:-1]
+        if len(body) == 1 and body[0][0] == "Split" and body[0][1] in SPLIT_PRE:
+            return SPLIT_PRE[body[0][1]]
+        if body == [("Digits", True), ("Split", _GPT2_RE)]:
+            return "smollm"
+    kinds = " + ".join(str(k) for k, _ in steps) or "none"
+    raise UserError(f"student.model: {path}: this pre-tokenizer ({kinds}) is not one pudl can map to llama.cpp; "
+                    "convert with llama.cpp's convert_hf_to_gguf.py and use the .gguf")
 
 
 def _token_content(value) -> str | None:

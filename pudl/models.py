@@ -175,8 +175,9 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
             scales, biases = raw[stem + ".scales"], raw[stem + ".biases"]
             bits = _bits(value, scales)
             if dequantize:
-                weights[_mlx_name(name)] = mx.dequantize(value, scales, biases, group_size=GROUP_SIZE,
-                                                         bits=bits).astype(dtype)
+                # in float32: float16 scales would make MLX dequantize in float16 (~1e-3 off llama.cpp's weights)
+                weights[_mlx_name(name)] = mx.dequantize(value, scales.astype(mx.float32), biases.astype(mx.float32),
+                                                         group_size=GROUP_SIZE, bits=bits).astype(dtype)
                 continue
             module = _mlx_name(name)[: -len(".weight")]
             quant_bits[module] = bits

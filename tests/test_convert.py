@@ -217,3 +217,54 @@ def test_recipe_accepts_hub_ids_without_network_and_rejects_missing_paths(tmp_pa
     with pytest.raises(UserError, match="student.quant"):
         parse_recipe({"data": {"prompts": "p.jsonl"}, "student": {"quant": "q3"}}, recipe_path)
     assert is_hub_id("meta-llama/Llama-3.2-1B-Instruct") and not is_hub_id("a/b.gguf") and not is_hub_id("x")
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+GPT2_SPLIT = {"type": "Split", "pattern": {"Regex": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"},
+              "behavior": "Isolated", "invert": False}
+DIGITS = {"type": "Digits", "individual_digits": True}
+
+
+@pytest.mark.parametrize("name,steps", [
+    ("gpt-2", [{**BYTE_LEVEL, "use_regex": True}]),
+    ("gpt-2", [GPT2_SPLIT, BYTE_LEVEL]),
+    ("smollm", [DIGITS, {**BYTE_LEVEL, "use_regex": True}]),
+    ("smollm", [DIGITS, GPT2_SPLIT, BYTE_LEVEL]),  # SmolLM2's tokenizer.json as pudl.hfdir writes it
+])
+def test_other_byte_level_pre_tokenizers(name, steps, hf_dirs, tmp_path):
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in hf_dirs["qwen2"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tok_json = json.loads((src / "tokenizer.json").read_text())
+    tok_json["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": steps}
+    (src / "tokenizer.json").write_text(json.dumps(tok_json))
+    path = hf_to_gguf(src, "f32", tmp_path / "c")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == name
+    tok, hf = Tokenizer(path), HFTokenizer.from_file(str(src / "tokenizer.json"))
+    for text in TEXTS + ["x = 1234567 + 89;  it's 2024's"]:
+        assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_student_dequantizes_exactly(tiny_gguf):
+    """The MLX student's float weights are the GGUF's Q4_1/Q8_0 values exactly (what llama.cpp computes with)."""
+    import gguf
+
+    from pudl.models import GGUF_TO_MLX, load_gguf_weights
+
+    weights, _, _ = load_gguf_weights(tiny_gguf, dequantize=True)
+    reader = gguf.GGUFReader(str(tiny_gguf))
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type.name not in ("Q4_1", "Q8_0"):
+            continue
+        parts = t.name.split(".")
+        key = ("blk.{}." + parts[2]) if parts[0] == "blk" else parts[0]
+        mlx_name = GGUF_TO_MLX[key].format(parts[1] if parts[0] == "blk" else "") + ".weight"
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(weights[mlx_name].shape)
+        assert np.array_equal(np.array(weights[mlx_name]), ref.astype(np.float32)), t.name
+        checked += 1
+    assert checked >= 8
