@@ -106,13 +106,14 @@ def _save_memo(path: Path, memo: dict):
         pass  # only a speed-up: the next run hashes again
 
 
-def hf_to_gguf(src: Path, quant: str = "q8_0", cache_dir: Path | None = None) -> Path:
-    """The cached GGUF of HF directory `src` at `quant`, converting it first if this content was never converted."""
+def hf_to_gguf(src: Path, quant: str = "q8_0", cache_dir: Path | None = None, name: str | None = None) -> Path:
+    """The cached GGUF of HF directory `src` at `quant`, converting it first if this content was never converted
+    (`name`: the file's readable prefix, default the directory's name)."""
     if quant not in QUANTS:
         raise UserError(f"student.quant: {quant!r} is not one of {', '.join(QUANTS)}")
     src = Path(src)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    name = re.sub(r"[^\w.-]", "_", src.name)
+    name = re.sub(r"[^\w.-]", "_", name or src.name)
     memo_path = cache_dir / "hashes.json"
     memo = _load_memo(memo_path)
     out = cache_dir / f"{name}-{source_hash(src, quant, memo)[:16]}-{quant}.gguf"

@@ -71,7 +71,7 @@ def resolve_model_path(model: str, quant: str = "q8_0", cache_dir: Path | None =
             raise UserError(f"student.model: {path} is a directory without config.json (not a Hugging Face model)")
         return convert.hf_to_gguf(path, quant, cache_dir)
     if not path.exists() and convert.is_hub_id(model):
-        return convert.hf_to_gguf(convert.hub_snapshot(model), quant, cache_dir)
+        return convert.hf_to_gguf(convert.hub_snapshot(model), quant, cache_dir, name=model.replace("/", "--"))
     if path.suffix != ".gguf":
         raise UserError(f"student.model: {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
                         "a .gguf file, a Hugging Face model directory nor a hub id (owner/name)")

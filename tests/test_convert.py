@@ -175,7 +175,7 @@ def test_hub_id_offline(hf_dirs, tmp_path, monkeypatch):
         resolve_model_path("tiny-org/Tiny-Qwen3")
     _fake_hub_cache(tmp_path / "hub", "tiny-org/Tiny-Qwen3", hf_dirs["qwen3"])
     path = resolve_model_path("tiny-org/Tiny-Qwen3", "f32")
-    assert path.parent == tmp_path / "gguf"
+    assert path.parent == tmp_path / "gguf" and path.name.startswith("tiny-org--Tiny-Qwen3-")
     tok = Tokenizer(path)
     assert tok.encode(TEXTS[0]) == Tokenizer(hf_to_gguf(hf_dirs["qwen3"], "f32", tmp_path)).encode(TEXTS[0])
 
