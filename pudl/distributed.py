@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -101,8 +102,19 @@ SINGLE = World()
 
 
 def launched() -> bool:
-    """True in a process a distributed launcher started."""
+    """True in a process a distributed launcher started with others (`mlx.launch -n 1` writes an empty ring
+    hostfile, which MLX cannot parse: that is a world of one)."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile is not None and "MLX_RANK" in os.environ and not _nonempty(hostfile):
+        return False
     return any(k in os.environ for k in LAUNCH_ENV)
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return bool(Path(path).read_text().strip())
+    except OSError:
+        return False
 
 
 @cache

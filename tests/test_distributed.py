@@ -101,6 +101,25 @@ def launch(n: int, command: list[str], timeout: float = 300) -> subprocess.Compl
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def test_only_a_launcher_with_several_ranks_makes_a_world(tmp_path, monkeypatch):
+    from pudl.distributed import launched
+
+    for key in ("MLX_RANK", "MLX_HOSTFILE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert not launched()  # a plain process: no collective is ever called
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("")  # what `mlx.launch -n 1` writes
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    assert not launched()
+    hostfile.write_text('[["127.0.0.1:5000"], ["127.0.0.1:5001"]]')
+    assert launched()
+    monkeypatch.delenv("MLX_RANK")
+    monkeypatch.delenv("MLX_HOSTFILE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert launched()
+
+
 def test_rank_slices_partition_every_global_batch():
     """Over random sizes the ranks' slices of a step are the 1-process batch of size x batch_size items, in order;
     every rank has the same number of steps; an empty slice is a weight-0 placeholder."""
