@@ -77,6 +77,11 @@ def run(tiny: bool = False, prompts: int = 2, k: int = 2, n_eval: int = 4, doubl
     finally:
         if tmp is not None:
             tmp.cleanup()
+    return summarize(runs, rerun, machine, n_eval, max_tokens)
+
+
+def summarize(runs: list[dict], rerun: dict, machine: dict, n_eval: int, max_tokens: int | None) -> dict:
+    """The bench's result from the series' run records (smallest first) and the rerun of the largest."""
     largest = runs[-1]
     result = {
         "recipe": str(RECIPE.relative_to(ROOT)), "eval_prompts": n_eval, "max_tokens": max_tokens or "recipe",
@@ -115,17 +120,21 @@ def _pudl_run(out: Path, overrides: list[str]) -> dict:
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     if proc.returncode != 0:
         raise RuntimeError(f"pudl run failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    return {"wall_seconds": wall, "peak_rss_bytes": rss, **read_run(out)}
+
+
+def read_run(out: Path) -> dict:
+    """A finished run directory's figures: phase seconds, sampled tokens and rates, accuracies."""
     summary = json.loads((out / "summary.json").read_text())
     phases = {name: summary["phase_seconds"].get(name) for name in PHASES}
     generated = _generated_tokens(out / "cache.sqlite")
     step_rates = [row["tokens_per_s"] for row in _metrics(out / "metrics.jsonl") if row.get("kind") == "step"]
-    return {"wall_seconds": wall, "pudl_wall_seconds": summary.get("wall_seconds"), "phase_seconds": phases,
+    return {"pudl_wall_seconds": summary.get("wall_seconds"), "phase_seconds": phases,
             "generated_tokens": generated,
             "sample_tok_s": generated / phases["sample"] if phases["sample"] else None,
             "train_tok_s": statistics.median(step_rates) if step_rates else None, "train_steps": len(step_rates),
             "before": (summary.get("before") or {}).get("strict_accuracy"),
-            "after": (summary.get("after") or {}).get("strict_accuracy"), "peak_rss_bytes": rss,
-            "n_params": common.n_params()}
+            "after": (summary.get("after") or {}).get("strict_accuracy"), "n_params": common.n_params()}
 
 
 def _generated_tokens(cache_path: Path) -> int:
