@@ -220,8 +220,8 @@ def test_recipe_accepts_hub_ids_without_network_and_rejects_missing_paths(tmp_pa
 
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-GPT2_SPLIT = {"type": "Split", "pattern": {"Regex": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"},
-              "behavior": "Isolated", "invert": False}
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # GPT-2's, as written
+GPT2_SPLIT = {"type": "Split", "pattern": {"Regex": GPT2_REGEX}, "behavior": "Isolated", "invert": False}
 DIGITS = {"type": "Digits", "individual_digits": True}
 
 
@@ -268,3 +268,20 @@ def test_student_dequantizes_exactly(tiny_gguf):
         assert np.array_equal(np.array(weights[mlx_name]), ref.astype(np.float32)), t.name
         checked += 1
     assert checked >= 8
+
+
+@pytest.mark.integration
+def test_smollm2_round_trip_through_an_hf_directory(smollm2, tmp_path):
+    """A real tokenizer and real weights: SmolLM2's GGUF -> HF dir (pudl.hfdir) -> pudl.convert -> same model."""
+    hfdir = pytest.importorskip("pudl.hfdir")
+    src = hfdir.write_hf_dir(smollm2, tmp_path / "hf")
+    path = hf_to_gguf(src, "f32", tmp_path / "c")
+    tok, ref_tok = Tokenizer(path), Tokenizer(smollm2)
+    messages = chat_messages(Prompt("x", TEXTS[0], system="Be brief."))
+    assert tok.render(messages) == ref_tok.render(messages)
+    for text in TEXTS + [ref_tok.render(messages)]:
+        assert tok.encode(text) == ref_tok.encode(text), text
+    tokens = ref_tok.chat_tokens(messages) + ref_tok.answer_tokens("The answer is 42.")
+    got = student_logprobs(load_student(path, 4, 8.0, ["q_proj"]), tokens)
+    assert np.abs(got - student_logprobs(load_student(smollm2, 4, 8.0, ["q_proj"]), tokens)).max() < 1e-4
+    assert np.abs(got - llama_cpp_logprobs(path, tokens)).max() < 1e-3

@@ -98,3 +98,21 @@ def test_base_model_when_no_adapter(tiny):
     ref = lcpp.sample(PROMPTS[1], 1, 0.0, 16, seed=0)[0]
     lcpp.close()
     assert base.token_ids.tolist() == ref.token_ids.tolist()  # adapter None = the base model, as with llama.cpp
+
+
+@pytest.mark.integration
+def test_smollm2_mlx_sampler_equals_llama_cpp_sampler(smollm2):
+    """On the real Q4_1 model both samplers compute with the same float32 weights: same candidates."""
+    tok = Tokenizer(smollm2)
+    student = load_student(smollm2, 8, 16.0, TARGETS)
+    mlx, lcpp = MLXSampler(student, tok, n_ctx=512), Sampler(smollm2, tok, n_ctx=512, threads=2)
+    try:
+        for temperature, k in ((0.0, 1), (0.9, 3)):
+            a = mlx.sample(PROMPTS[0], k, temperature, 16, seed=5, top_k=40, top_p=0.95, min_p=0.05)
+            b = lcpp.sample(PROMPTS[0], k, temperature, 16, seed=5, top_k=40, top_p=0.95, min_p=0.05)
+            for x, y in zip(a, b):
+                assert x.token_ids.tolist() == y.token_ids.tolist()
+                assert np.abs(x.logprobs - y.logprobs).max() < 1e-3
+    finally:
+        mlx.close()
+        lcpp.close()
