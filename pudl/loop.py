@@ -439,7 +439,7 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             pairs, groups, comp = state.preferences(round_, prompts, anchors, fp_prefs)
             adapter = state.train(round_, pairs, groups, comp, fp_train)
             candidates = state.cache.candidates(round_)
-            tokens_sampled += sum(len(c.token_ids) for cs in candidates.values() for c in cs)
+            tokens_sampled += sum(len(c.token_ids) for p in prompts for c in candidates.get(p.id, []))
             agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in SCORERS})
             rounds.append({"round": round_, "pairs": len(pairs), "groups": len(groups),
                            "group_status": state.cache.group_statuses(round_),
