@@ -432,9 +432,10 @@ def hub_snapshot(repo_id: str) -> Path:
                                       local_files_only=offline))
     except LocalEntryNotFoundError:
         raise UserError(f"student.model: {repo_id!r} is not in the Hugging Face cache and this machine is offline "
-                        f"(HF_HUB_OFFLINE or no network); fetch it once with `huggingface-cli download {repo_id}` "
-                        "or point student.model at a local directory or .gguf") from None
+                        f"(HF_HUB_OFFLINE or no network); fetch it once with `hf download {repo_id}` (older "
+                        "huggingface_hub: `huggingface-cli download`) or point student.model at a local directory "
+                        "or .gguf") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"student.model: cannot fetch {repo_id!r} from the Hugging Face hub ({first}); check the id, "
-                        f"or download it with `huggingface-cli download {repo_id}`") from None
+                        f"or download it with `hf download {repo_id}`") from None

@@ -171,7 +171,7 @@ def test_hub_id_offline(hf_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("PUDL_CACHE_DIR", str(tmp_path / "gguf"))
-    with pytest.raises(UserError, match="huggingface-cli download tiny-org/Tiny-Qwen3"):
+    with pytest.raises(UserError, match="hf download tiny-org/Tiny-Qwen3"):
         resolve_model_path("tiny-org/Tiny-Qwen3")
     _fake_hub_cache(tmp_path / "hub", "tiny-org/Tiny-Qwen3", hf_dirs["qwen3"])
     path = resolve_model_path("tiny-org/Tiny-Qwen3", "f32")
