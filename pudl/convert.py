@@ -206,17 +206,17 @@ def _hf_tensors(src: Path):
             yield name, np.array(tensors.pop(name).astype(mx.float32))
 
 
-def _tensor_count(src: Path) -> int:
-    """Tensors in the directory's safetensors files, from their JSON headers (for the progress bar)."""
-    n = 0
-    for path in src.glob("*.safetensors"):
+def _tensor_names(src: Path) -> list[str]:
+    """Tensor names of the directory's safetensors files, from their JSON headers (no data read)."""
+    names = []
+    for path in sorted(src.glob("*.safetensors")):
         with open(path, "rb") as f:
             try:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             except ValueError:
                 continue  # _hf_tensors reports the unreadable file
-        n += sum(1 for k in header if k != "__metadata__")
-    return n
+        names += [k for k in header if k != "__metadata__"]
+    return names
 
 
 def _progress(items, total: int, what: str):
@@ -262,7 +262,9 @@ def write_gguf(src: Path, out: Path, quant: str):
     n_layers = int(config["num_hidden_layers"])
     theta = _rope_theta(config)
     scaling = _rope_scaling(config)
-    tie = bool(config.get("tie_word_embeddings", model_type in ("qwen2", "qwen3")))
+    names = _tensor_names(src)
+    tie = config.get("tie_word_embeddings")  # unset: tied exactly when the checkpoint has no lm_head
+    tie = "lm_head.weight" not in names if tie is None else bool(tie)
     ftype = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
              "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[quant]
 
@@ -286,7 +288,7 @@ def write_gguf(src: Path, out: Path, quant: str):
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(scaling, theta, head_dim))
 
     seen = set()
-    for hf_name, data in _progress(_hf_tensors(src), _tensor_count(src), f"converting {src.name} to GGUF {quant}"):
+    for hf_name, data in _progress(_hf_tensors(src), len(names), f"converting {src.name} to GGUF {quant}"):
         name = _gguf_name(hf_name)
         if name is None or (tie and name.startswith("output.")):
             continue

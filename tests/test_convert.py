@@ -285,3 +285,24 @@ def test_smollm2_round_trip_through_an_hf_directory(smollm2, tmp_path):
     got = student_logprobs(load_student(path, 4, 8.0, ["q_proj"]), tokens)
     assert np.abs(got - student_logprobs(load_student(smollm2, 4, 8.0, ["q_proj"]), tokens)).max() < 1e-4
     assert np.abs(got - llama_cpp_logprobs(path, tokens)).max() < 1e-3
+
+
+def test_bfloat16_checkpoint_and_unset_tie_flag(hf_dirs, tmp_path):
+    """bf16 safetensors convert to exactly their float values; without tie_word_embeddings, lm_head decides."""
+    from pudl.models import load_gguf_weights
+
+    src = tmp_path / "bf16"
+    src.mkdir()
+    for f in hf_dirs["qwen3"].iterdir():
+        if f.suffix != ".safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    tensors = mx.load(str(hf_dirs["qwen3"] / "model.safetensors"))
+    mx.save_safetensors(str(src / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in tensors.items()})
+    config = json.loads((src / "config.json").read_text())
+    del config["tie_word_embeddings"]  # qwen3 here has its own lm_head
+    (src / "config.json").write_text(json.dumps(config))
+    weights, _, _ = load_gguf_weights(hf_to_gguf(src, "f32", tmp_path / "c"), dequantize=True)
+    assert "lm_head.weight" in weights
+    for name in ("lm_head.weight", "model.layers.1.self_attn.k_norm.weight", "model.layers.0.mlp.up_proj.weight"):
+        want = np.array(tensors[name].astype(mx.bfloat16).astype(mx.float32))
+        assert np.array_equal(np.array(weights[name]), want), name
