@@ -1,10 +1,11 @@
 """K candidates per prompt from the MLX student itself (mlx-lm model + KV cache), the `sample.backend = "mlx"` path.
 
-Same interface and the same sampling rules as `pudl.sampler.Sampler`: the chat context is decoded once, its
-KV cache is copied to K rows, and the K candidates advance together one token per step (rows that finish are
-dropped from the batch). Tokens are drawn in NumPy by `pudl.sampler.draw` from candidate `idx`'s own RNG stream
-(seeded by seed, round, prompt id, idx), and each token's log-prob is taken at temperature 1 before truncation,
-so candidates, log-probs and resumes behave as with llama.cpp. The LoRA is the one the sampler was given:
+Same interface and the same sampling rules as `pudl.sampler.Sampler`: a batch of prompts is decoded once
+(left-padded, mlx-lm's BatchKVCache), each prompt's cache row is copied to K rows, and all candidates advance
+together one token per step (rows that finish leave the batch). Tokens are drawn in NumPy by
+`pudl.sampler.draw` from candidate `idx`'s own RNG stream (seeded by seed, round, prompt id, idx), and each
+token's log-prob is taken at temperature 1 before truncation, so candidates, log-probs and resumes behave as
+with llama.cpp. The LoRA is the one the sampler was given:
 `adapter_path=None` samples the base model (LoRA disabled), a GGUF LoRA or pudl MLX adapter file is loaded
 into the student for the sampler's life; `close` puts the student's own LoRA state back.
 """
@@ -37,10 +38,11 @@ def _adapter_state(path: Path) -> dict:
 
 
 class MLXSampler:
-    """Sampling on the MLX student (`pudl.models.Student`) with mlx-lm's model and KV cache, one prompt at a time."""
+    """Sampling on the MLX student (`pudl.models.Student`) with mlx-lm's model and batched KV cache: about
+    `rows` sequences (rows // K prompts x K candidates) advance per decode step."""
 
-    def __init__(self, student, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024):
-        self.student, self.tokenizer, self.n_ctx = student, tokenizer, n_ctx
+    def __init__(self, student, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024, rows: int = 32):
+        self.student, self.tokenizer, self.n_ctx, self.rows = student, tokenizer, n_ctx, rows
         layers = student.lora_layers.values()
         self._saved = (student.lora_state(), [layer.enabled for layer in layers])
         if adapter_path is None:
@@ -70,48 +72,64 @@ class MLXSampler:
     def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0) -> list:
         """K candidates for one prompt (seeded by `seed`); the prompt is decoded once and shared by all of them."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        context = _chat_context(self.tokenizer, prompt, self.n_ctx)
-        max_new = min(max_tokens, self.n_ctx - len(context))
-        cache = make_prompt_cache(self.student.model)
-        logits = self._logits(mx.array([context], mx.int32), cache)
-        for c in cache:  # the prompt's keys/values, once per candidate (row r = candidate live[r])
-            c.keys = mx.repeat(c.keys[:, :, : c.offset, :], k, axis=0)
-            c.values = mx.repeat(c.values[:, :, : c.offset, :], k, axis=0)
-        logits = np.repeat(logits, k, axis=0)
-        rngs = [candidate_rng(seed, idx) for idx in range(k)]
-        ids, logps = [[] for _ in range(k)], [[] for _ in range(k)]
-        live, done = list(range(k)), {}
-        while live:
-            if temperature <= 0:
-                tokens = logits.argmax(axis=1)
-            else:
-                tokens = np.array([draw(row, temperature, rngs[i], top_k, top_p, min_p)
-                                   for row, i in zip(logits, live)])
-            for i, token, logp in zip(live, tokens.tolist(), _token_logprobs(logits, tokens).tolist()):
-                ids[i].append(token)
-                logps[i].append(logp)
-                if token in self.eog:
-                    done[i] = "stop"
-                elif len(ids[i]) >= max_new:
-                    done[i] = "length"
-            keep = [r for r, i in enumerate(live) if i not in done]
-            if not keep:
-                break
-            if len(keep) < len(live):  # finished rows leave the batch
-                rows = mx.array(keep)
-                for c in cache:
-                    c.keys, c.values = c.keys[rows], c.values[rows]
-                tokens, live = tokens[keep], [live[r] for r in keep]
-            logits = self._logits(mx.array(tokens[:, None].astype(np.int32)), cache)
-        return [_candidate(self.tokenizer, prompt.id, i, ids[i], logps[i], done[i]) for i in range(k)]
+        out = []
+        self.generate([(prompt, seed)], k, temperature, max_tokens, top_k, top_p, min_p,
+                      lambda p, cands: out.extend(cands))
+        return out
 
     def generate(self, jobs: list[tuple[Prompt, int]], k: int, temperature: float, max_tokens: int, top_k: int,
                  top_p: float, min_p: float, on_prompt: Callable):
-        """K candidates for each (prompt, seed), one prompt after another; `on_prompt` as each prompt ends."""
-        for prompt, seed in jobs:
-            on_prompt(prompt, self.sample(prompt, k, temperature, max_tokens, seed, top_k, top_p, min_p))
+        """K candidates for each (prompt, seed), rows // K prompts per batch; `on_prompt` as each prompt ends."""
+        per_batch = max(1, self.rows // k)
+        for start in range(0, len(jobs), per_batch):
+            self._batch(jobs[start : start + per_batch], k, temperature, max_tokens, top_k, top_p, min_p, on_prompt)
+
+    def _batch(self, jobs, k, temperature, max_tokens, top_k, top_p, min_p, on_prompt):
+        """One batch of prompts: a left-padded prefill (mlx-lm's BatchKVCache), each prompt's row copied to K
+        rows, then one token per step for every live row; finished rows leave the batch."""
+        from mlx_lm.models.cache import BatchKVCache
+
+        contexts = [_chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
+        width = max(map(len, contexts))
+        pads = [width - len(c) for c in contexts]
+        cache = [BatchKVCache(pads) for _ in self.student.model.model.layers]
+        logits = self._logits(mx.array([[0] * pad + c for pad, c in zip(pads, contexts)], mx.int32), cache)
+        live = [(j, idx) for j in range(len(jobs)) for idx in range(k)]  # one row per (prompt, candidate)
+        rows = [j for j, _ in live]
+        for c in cache:
+            c.filter(mx.array(rows))
+        logits = logits[rows]
+        rngs = {(j, idx): candidate_rng(jobs[j][1], idx) for j, idx in live}
+        max_new = [min(max_tokens, self.n_ctx - len(c)) for c in contexts]
+        ids, logps, done = {key: [] for key in live}, {key: [] for key in live}, {}
+        finished = [0] * len(jobs)
+        while live:
+            if temperature <= 0:
+                step = logits.argmax(axis=1)
+            else:
+                step = np.array([draw(row, temperature, rngs[key], top_k, top_p, min_p)
+                                 for row, key in zip(logits, live)])
+            for key, token, logp in zip(live, step.tolist(), _token_logprobs(logits, step).tolist()):
+                ids[key].append(token)
+                logps[key].append(logp)
+                j = key[0]
+                finish = "stop" if token in self.eog else "length" if len(ids[key]) >= max_new[j] else None
+                if finish is None:
+                    continue
+                done[key] = finish
+                finished[j] += 1
+                if finished[j] == k:  # the whole prompt is done: hand it over now
+                    prompt = jobs[j][0]
+                    on_prompt(prompt, [_candidate(self.tokenizer, prompt.id, i, ids[(j, i)], logps[(j, i)],
+                                                  done[(j, i)]) for i in range(k)])
+            keep = [r for r, key in enumerate(live) if key not in done]
+            if not keep:
+                break
+            if len(keep) < len(live):  # finished rows leave the batch
+                for c in cache:
+                    c.filter(mx.array(keep))
+                step, live = step[keep], [live[r] for r in keep]
+            logits = self._logits(mx.array(step[:, None].astype(np.int32)), cache)
 
     def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int, on_prompt: Callable):
         """Sample every prompt with the recipe's [sample] settings, handing each prompt's candidates to `on_prompt`."""

@@ -116,3 +116,24 @@ def test_smollm2_mlx_sampler_equals_llama_cpp_sampler(smollm2):
     finally:
         mlx.close()
         lcpp.close()
+
+
+def test_prompts_batched_together_sample_as_alone(tiny):
+    """Left-padded prompts in one batch give each prompt the candidates it gets alone, and llama.cpp's."""
+    path, tok = tiny
+    student = load_student(path, 4, 8.0, TARGETS)
+    prompts = PROMPTS + [Prompt("c", "Say something quite a bit longer about the quick brown fox and the dog.")]
+    cfg = SampleConfig(k=3, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, max_tokens=10)
+    results = []
+    for make in (lambda: MLXSampler(student, tok, n_ctx=256, rows=32),  # all three prompts in one batch
+                 lambda: MLXSampler(student, tok, n_ctx=256, rows=1),  # one prompt at a time
+                 lambda: Sampler(path, tok, n_ctx=256, threads=1)):
+        sampler, got = make(), {}
+        sampler.sample_all(prompts, cfg, 9, 2, lambda p, cands: got.__setitem__(p.id, cands))
+        sampler.close()
+        results.append(got)
+    batched, alone, lcpp = results
+    for p in prompts:
+        for a, b, c in zip(batched[p.id], alone[p.id], lcpp[p.id]):
+            assert a.token_ids.tolist() == b.token_ids.tolist() == c.token_ids.tolist()
+            assert np.abs(a.logprobs - b.logprobs).max() < 1e-4 and np.abs(a.logprobs - c.logprobs).max() < 1e-3
