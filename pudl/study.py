@@ -222,13 +222,14 @@ def markdown(result: dict) -> str:
 
 
 def bar_chart(result: dict, path: Path):
-    """Strict and lenient held-out accuracy per arm, with std error bars."""
+    """Strict and lenient held-out accuracy per arm that has results, with std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    arms = result["arms"]
+    # arms not run yet (mean nan) are left out, not drawn as zeros
+    arms = [a for a in result["arms"] if a["strict_accuracy"]["mean"] == a["strict_accuracy"]["mean"]]
     x = np.arange(len(arms))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(arms) + 2), 3.6))
     for offset, metric, name in ((-0.2, "strict_accuracy", "strict"), (0.2, "lenient_accuracy", "lenient")):
