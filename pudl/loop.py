@@ -29,7 +29,7 @@ from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references, sft_batches
 from pudl.prompts import Prompt, chat_messages, load_prompts
-from pudl.recipe import SCORERS, Recipe
+from pudl.recipe import Recipe
 from pudl.report import Reporter, write_json
 from pudl.sampler import Sampler
 from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
@@ -102,14 +102,20 @@ class Run:
             self._student = load_student(self.model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed)
         return self._student
 
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        """The scorer that ranks, then the ones computed only for the ranker-vs-verifier report."""
+        r = self.recipe.rank
+        return tuple(dict.fromkeys([r.scorer, *r.also_score]))
+
     def sampler(self, adapter: Path | None) -> Sampler:
         s = self.recipe.student
-        return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
-
         if self.recipe.sample.backend == "mlx":  # mlx-lm on the MLX student itself (pudl.mlx_sampler)
             from pudl.mlx_sampler import MLXSampler
 
             return MLXSampler(self.student, self.tokenizer, adapter, n_ctx=s.n_ctx)
+        return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
+
     # teacher -------------------------------------------------------------------------------------
     def collect_anchors(self) -> dict[str, str]:
         """Ask the teacher for every usable prompt without a cached anchor, committing each answer as it arrives
@@ -215,8 +221,9 @@ class Run:
     def score(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
         # A scorer added to pudl after a round was scored is computed for that round's prompts on the next run
         # (the stage is "extended"); the scorers already stored are not recomputed.
-        scored = {s: self.cache.scored_prompt_ids(round_, s) for s in SCORERS}
-        missing = {p.id: tuple(s for s in SCORERS if p.id not in scored[s]) for p in prompts}
+        scorers = self.scorers
+        scored = {s: self.cache.scored_prompt_ids(round_, s) for s in scorers}
+        missing = {p.id: tuple(s for s in scorers if p.id not in scored[s]) for p in prompts}
         if self.stage(round_, "score", fp, missing=sum(bool(m) for m in missing.values())):
             return
         candidates = self.cache.candidates(round_)
@@ -226,7 +233,7 @@ class Run:
             for start in range(0, len(todo), SCORE_CHUNK):
                 chunk = todo[start : start + SCORE_CHUNK]
                 groups = [(p, anchors[p.id], candidates[p.id]) for p in chunk]
-                wanted = tuple(s for s in SCORERS if any(s in missing[p.id] for p in chunk))
+                wanted = tuple(s for s in scorers if any(s in missing[p.id] for p in chunk))
                 for (p, _, cands), scores in zip(groups, score_groups(self.student, self.tokenizer, groups, wanted)):
                     for scorer in missing[p.id]:
                         values, anchor_value = scores[scorer]
@@ -440,7 +447,7 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             adapter = state.train(round_, pairs, groups, comp, fp_train)
             candidates = state.cache.candidates(round_)
             tokens_sampled += sum(len(c.token_ids) for p in prompts for c in candidates.get(p.id, []))
-            agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in SCORERS})
+            agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in state.scorers})
             rounds.append({"round": round_, "pairs": len(pairs), "groups": len(groups),
                            "group_status": state.cache.group_statuses(round_),
                            "candidates": sum(len(c) for c in candidates.values()), "ranker": agreement})

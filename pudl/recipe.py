@@ -89,6 +89,9 @@ class SampleConfig:
 @dataclass(frozen=True)
 class RankConfig:
     scorer: str = _f("anchor-likelihood", "anchor-conditioned self-ranking score", choices=SCORERS)
+    also_score: list = _f(["anchor-gain", "chrf"], "scorers computed beside rank.scorer, only for the ranker-vs-verifier "
+                          "report (judge costs a forward pass of its prompt per candidate: off unless listed)",
+                          choices=SCORERS, allow_empty=True)
     pairs: str = _f("both", "which DPO pairs a ranked group yields", choices=PAIR_MODES)
     min_gap: float = _f(1e-6, "best-vs-worst pairs need at least this score gap (ties are skipped)", min=0.0)
 
@@ -176,7 +179,7 @@ def _check_value(key: str, value, f: dataclasses.Field):
         raise UserError(f"{key}: {value!r} is below the minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:
         raise UserError(f"{key}: {value!r} is above the maximum {meta['max']}")
-    if want is list and not value:
+    if want is list and not value and not meta.get("allow_empty"):
         raise UserError(f"{key}: must not be empty")
     return value
 

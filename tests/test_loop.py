@@ -61,7 +61,8 @@ def test_run_end_to_end_then_rerun_uses_the_cache(tmp_path):
         assert {"strict_accuracy", "lenient_accuracy", "anchor_score"} <= set(summary[name])
     db = run / "cache.sqlite"
     assert rows(db, "anchors") == 2 and rows(db, "candidates") == 2 * 2 * 2  # 2 rounds x 2 prompts x K=2
-    assert rows(db, "scores") == 2 * 2 * (2 + 1) * 4  # 4 scorers, K candidates + the anchor
+    # rank.scorer + rank.also_score's default (anchor-gain, chrf): K candidates + the anchor each
+    assert rows(db, "scores") == 2 * 2 * (2 + 1) * 3
     assert rows(db, "pairs") >= 2
     for r in (1, 2):
         assert (run / f"round-{r}" / "adapter.gguf").stat().st_size > 0

@@ -214,6 +214,7 @@ def count(db: Path, sql: str) -> int:
 
 def test_sft_warmup_then_dpo_is_one_recipe_and_reruns_from_the_cache(tmp_path, tiny_gguf):
     recipe = tiny_recipe(tmp_path, tiny_gguf, 'algo = "dpo"\nwarmup_sft_epochs = 1')
+    recipe.write_text(recipe.read_text() + '[rank]\nalso_score = ["anchor-gain", "judge", "chrf"]\n')
     out = pudl("run", str(recipe), "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
