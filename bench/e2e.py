@@ -93,7 +93,8 @@ def summarize(runs: list[dict], rerun: dict, machine: dict, n_eval: int, max_tok
         # wall time growth per doubling of prompts x K (1.0 = fixed costs only, 2.0 = all proportional)
         "growth_per_doubling": [b["wall_seconds"] / a["wall_seconds"] for a, b in zip(runs, runs[1:])],
         "sample_tok_s": largest["sample_tok_s"], "train_tok_s": largest["train_tok_s"],
-        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "machine": machine,
+        "peak_rss_bytes": max((r["peak_rss_bytes"] for r in runs if r.get("peak_rss_bytes")), default=None),
+        "machine": machine,
         "n_params": largest["n_params"],
     }
     common.add_ceiling(result, "decode", result["n_params"], key="sample_tok_s")
