@@ -12,7 +12,6 @@ communicated and nothing changes.
 from __future__ import annotations
 
 import os
-import pickle
 from functools import cache
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from pudl import wire
 from pudl.errors import UserError
 
 # Set by the launchers in every process they start: mlx.launch (ring, jaccl: MLX_RANK), mpirun (Open MPI, MPICH).
@@ -51,16 +51,16 @@ class World:
             mx.eval(self.all_sum(mx.array([1.0])))
 
     def broadcast_object(self, obj=None):
-        """Rank 0's picklable `obj` on every rank (the others pass None): its length, then its bytes, each as an
-        all_sum the other ranks feed zeros into. Only ranks of one job exchange pickles (hosts you ssh into)."""
+        """Rank 0's `obj` on every rank (the others pass None): its length, then its bytes (`pudl.wire`: data only,
+        no code), each as an all_sum the other ranks feed zeros into."""
         if self.size == 1:
             return obj
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.is_main else b""
+        data = wire.encode(obj) if self.is_main else b""
         n = int(self.all_sum(mx.array([len(data)], mx.int64)).item())
         buf = np.frombuffer(data, np.uint8) if self.is_main else np.zeros(n, np.uint8)
         received = self.all_sum(mx.array(buf))
         mx.eval(received)
-        return obj if self.is_main else pickle.loads(np.array(received).tobytes())
+        return obj if self.is_main else wire.decode(np.array(received).tobytes())
 
     def weighted_mean(self, tree, weight: float):
         """sum_r weight_r * tree_r / sum_r weight_r over the ranks, with one all_sum of every float leaf packed

@@ -5,14 +5,13 @@ import random
 import sqlite3
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from pudl.cache import ANCHOR_IDX, Candidate
+from pudl.cache import Candidate
 from pudl.losses import LOSSES, TrainBatch
 from pudl.prompts import Prompt
 from pudl.scoring import average_ranks, chrf, judge_scores, order_consistency, roc_auc, score_groups, spearman

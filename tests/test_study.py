@@ -46,7 +46,7 @@ set = ["rank.pairs=anchor-vs-worst"]
 
 def test_tiny_study_writes_table_json_and_chart_from_real_runs(tmp_path, tiny_gguf):
     tiny_recipe(tmp_path, tiny_gguf, 'algo = "dpo"')
-    study = write_study(tmp_path, ARMS)
+    study = write_study(tmp_path, ARMS, extra="""set = ['rank.also_score=["judge"]']  # every arm""")
     out = pudl("study", str(study), "--quiet")
     assert out.returncode == 0, out.stderr[-3000:]
     d = tmp_path / "study"

@@ -47,8 +47,11 @@ def prepared(setup, algo):
             [Pair(p.id, "anchor-vs-worst", ANCHOR_IDX, 2, None) for p in prompts]
     keys = needed_references(algo, pairs, groups)
     refs = dict(zip(keys, completion_logprobs(student, [comp.sequence(*k) for k in keys], adapter=False)))
-    cfg = TrainConfig(algo=algo, learning_rate=3e-3 if algo == "grpo" else 5e-3, epochs=8, batch_size=2, beta=0.05 if algo == "grpo" else 0.5,
-                      clip_eps=0.9 if algo == "grpo" else 0.2)
+    cfg = TrainConfig(algo=algo, learning_rate={"grpo": 3e-3, "ldl": 2e-3}.get(algo, 5e-3), epochs=8, batch_size=2, beta=0.05 if algo == "grpo" else 0.5,
+                      clip_eps=0.9 if algo == "grpo" else 0.2,
+                      # ldl: at the default tau (0.25) the anchor (score 3) takes 98 % of the target and candidates
+                      # 0 and 2 share the rest, so their order is only weakly taught; tau = 1 gives it weight
+                      tau=1.0)
     make = dpo_batches if algo == "dpo" else group_batches
     batches, skipped = make(pairs if algo == "dpo" else groups, refs, comp, cfg, seed=0)
     assert skipped == 0 and batches
