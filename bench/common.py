@@ -113,6 +113,18 @@ def run_peer(module: str, args: list[str], env: dict | None = None, timeout: flo
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def report_main(module: str, result: dict, argv, json_out, lines, plot):
+    """End of a bench's `python -m` entry: record the command, write F.json and its plot F.png (with
+    --json-out F.json), the readable lines on stderr, the JSON object as the last line of stdout."""
+    result["command"] = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, Path(json_out).with_suffix(".png"))
+    for line in lines(result):
+        print(line, file=sys.stderr)
+    print(json.dumps(result))
+
+
 def thread_env(threads: int) -> dict:
     """One thread budget for every BLAS / OpenMP pool a peer may use."""
     n = str(threads)

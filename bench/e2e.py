@@ -209,13 +209,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--tiny", action="store_true")
     a = parser.parse_args(argv)
     result = run(a.tiny, a.prompts, a.k, a.eval, a.doublings, a.max_tokens, a.work)
-    result["command"] = "python -m pudl.bench.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, Path(a.json_out).with_suffix(".png"))
-    for line in lines(result):
-        print(line, file=sys.stderr)
-    print(json.dumps(result))
+    common.report_main("pudl.bench.e2e", result, argv, a.json_out, lines, plot)
 
 
 if __name__ == "__main__":

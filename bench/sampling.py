@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -192,13 +191,7 @@ def main(argv: list[str] | None = None):
         print(json.dumps(_peer(a.peer, a.prompts, a.k, a.max_tokens, a.threads or os.cpu_count())))
         return
     result = run(a.prompts, a.k, a.max_tokens, a.json_out, a.repeats, a.threads, a.tiny)
-    result["command"] = "python -m pudl.bench.sampling " + " ".join(argv if argv is not None else sys.argv[1:])
-    if a.json_out:  # again, with the command, and the plot beside it
-        Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, Path(a.json_out).with_suffix(".png"))
-    for line in lines(result):
-        print(line, file=sys.stderr)
-    print(json.dumps(result))
+    common.report_main("pudl.bench.sampling", result, argv, a.json_out, lines, plot)
 
 
 if __name__ == "__main__":

@@ -289,13 +289,7 @@ def main(argv: list[str] | None = None):
         print(json.dumps(result))
         return
     result = run(a.tiny, a.pairs, a.threads, a.profile, tuple(a.only or PEERS))
-    result["command"] = "python -m pudl.bench.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, Path(a.json_out).with_suffix(".png"))
-    for line in lines(result):
-        print(line, file=sys.stderr)
-    print(json.dumps(result))
+    common.report_main("pudl.bench.train", result, argv, a.json_out, lines, plot)
 
 
 if __name__ == "__main__":
