@@ -2,9 +2,12 @@
 
     python -m pudl.kernels.bench --repeats 3 --json bench.json
 
-Each case runs ``mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))``, i.e. gradients
-for the hidden states and the LM head, ``warmup`` times (trace + JIT) and then
-``repeats`` timed times, alternating fused / naive; the median is reported.  Peak memory
+Each case runs ``mx.compile(mx.value_and_grad(loss, argnums=0))``, i.e. the gradient for
+the hidden states with a frozen head, as pudl's LoRA training needs it (the fused case is
+``token_logprobs(..., grad_ready=True)``); ``head_grad=True`` (``--head-grad``) benches a
+trained head instead: ``argnums=(0, 1)`` and ``head_grad=True`` on the fused side.  Each
+runs ``warmup`` times (trace + JIT) and then ``repeats`` timed times, alternating
+fused / naive; the median is reported.  Peak memory
 is ``mx.get_peak_memory()`` after ``mx.reset_peak_memory()`` (max over the timed runs)
 and includes the inputs.
 """
@@ -45,12 +48,12 @@ def _inputs(size: dict, seed: int):
     return hidden, weight, targets, mask
 
 
-def _measure(fns: dict, args, repeats: int, warmup: int) -> dict:
+def _measure(fns: dict, args, repeats: int, warmup: int, argnums) -> dict:
     """Median wall time and peak memory per case (name -> loss fn) over `repeats` runs."""
     # The timed runs alternate between the cases so that load from other processes on a
     # shared machine hits every case alike.
     steps = {name: mx.compile(mx.value_and_grad(lambda h, w, t, m, fn=fn: fn(h, w, t, m).sum(),
-                                                argnums=(0, 1)))
+                                                argnums=argnums))
              for name, fn in fns.items()}
     for step in steps.values():
         for _ in range(warmup):
@@ -75,17 +78,24 @@ def _measure(fns: dict, args, repeats: int, warmup: int) -> dict:
 
 
 def run(sizes=DEFAULT_SIZES, repeats: int = 3, json_out: str | Path | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE, warmup: int = 1) -> dict:
-    """Time fused vs naive fwd+bwd per size; the top-level figures are for the first size."""
+        chunk_size: int = DEFAULT_CHUNK_SIZE, warmup: int = 1, head_grad: bool = False) -> dict:
+    """Time fused vs naive fwd+bwd per size; the top-level figures are for the first size.
+
+    head_grad=False: gradient for the hidden states only (frozen head, LoRA), fused with
+    grad_ready=True.  True: gradients for the hidden states and the head, fused with
+    head_grad=True.  The naive side computes the same gradients as the fused one.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
+    argnums = (0, 1) if head_grad else 0
+    kw = {"head_grad": True} if head_grad else {"grad_ready": True}
     rows = []
     for i, s in enumerate(sizes):
         size = _size(s)
         args = _inputs(size, seed=i)
         res = _measure({"fused": lambda h, w, t, m: token_logprobs(
-                            h, w, t, m, chunk_size=chunk_size, head_grad=True),
-                        "naive": naive_token_logprobs}, args, repeats, warmup)
+                            h, w, t, m, chunk_size=chunk_size, **kw),
+                        "naive": naive_token_logprobs}, args, repeats, warmup, argnums)
         fused, naive = res["fused"], res["naive"]
         mx.clear_cache()
         rows.append({**size, "chunk_size": min(chunk_size, size["V"]), "fused": fused,
@@ -97,7 +107,9 @@ def run(sizes=DEFAULT_SIZES, repeats: int = 3, json_out: str | Path | None = Non
         "fused": first["fused"], "naive": first["naive"], "speedup": first["speedup"],
         "memory_ratio": first["memory_ratio"], "sizes": rows,
         "config": {"repeats": repeats, "warmup": warmup, "chunk_size": chunk_size,
-                   "grads": "hidden+weight", "device": str(mx.default_device()),
+                   "grads": "hidden+weight" if head_grad else "hidden",
+                   "fused_call": "token_logprobs(..., " + ", ".join(f"{k}=True" for k in kw) + ")",
+                   "device": str(mx.default_device()),
                    "mlx": mx.__version__},
     }
     if json_out is not None:
@@ -114,9 +126,11 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--head-grad", action="store_true",
+                   help="also the head's gradient (trained / tied head); default: hidden only")
     a = p.parse_args(argv)
     sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes.split(",")]
-    res = run(sizes, a.repeats, a.json_out, a.chunk_size, a.warmup)
+    res = run(sizes, a.repeats, a.json_out, a.chunk_size, a.warmup, a.head_grad)
     for r in res["sizes"]:
         print(f"B={r['B']} T={r['T']} H={r['H']} V={r['V']} chunk={r['chunk_size']}: "
               f"fused {r['fused']['seconds']:.3f}s {r['fused']['peak_bytes'] / 2**20:.0f} MiB | "

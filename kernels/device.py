@@ -183,7 +183,7 @@ def _kernels(backend: str):
 
 
 def lse_step(backend: str):
-    """Device version of logprobs._lse_step(logits, local_t, inside, lse, tl) -> (lse, tl)."""
+    """Device version of logprobs._mlx_steps()'s lse_step(logits, local_t, inside, lse, tl) -> (lse, tl)."""
     kernel = _kernels(backend)[0]
 
     def step(logits, local_t, inside, lse, tl):
@@ -200,7 +200,7 @@ def lse_step(backend: str):
 
 
 def dlogits(backend: str):
-    """Device version of logprobs._dlogits(logits, local_t, lse, g_onehot, g_soft) -> [N, C]."""
+    """Device version of logprobs._mlx_steps()'s dlogits(logits, local_t, lse, g_onehot, g_soft) -> [N, C]."""
     kernel = _kernels(backend)[1]
 
     def dz(logits, local_t, lse, g_onehot, g_soft):

@@ -16,6 +16,7 @@ import pytest
 
 from pudl.kernels import naive_token_logprobs, token_logprobs
 from pudl.kernels.device import gpu_backend
+from pudl.kernels.logprobs import _exp_poly
 
 VALUE_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -132,12 +133,38 @@ def test_reference_gradient_matches_finite_differences(rng):
     (1, 9, 12, 50, 4096),   # one chunk larger than the vocabulary
     (2, 4, 8, 17, 5),       # many small chunks, short last chunk
 ])
-@pytest.mark.parametrize("head_grad", [False, True])
-def test_matches_reference(rng, b, t, h, v, chunk, head_grad):
+@pytest.mark.parametrize("head_grad,grad_ready", [(False, False), (True, False), (False, True),
+                                                   (True, True)])
+def test_matches_reference(rng, b, t, h, v, chunk, head_grad, grad_ready):
     hidden, weight, targets, mask, cot = make_case(rng, b, t, h, v, mask_p=0.3)
-    kw = dict(chunk_size=chunk, head_grad=head_grad)
+    kw = dict(chunk_size=chunk, head_grad=head_grad, grad_ready=grad_ready)
     check_against_reference(hidden, weight, targets, mask, cot, **kw)
     check_against_reference(hidden, weight, targets, None, cot, **kw)
+
+
+@pytest.mark.parametrize("grad_ready", [False, True])
+def test_hidden_only_gradient(rng, grad_ready):
+    # pudl's LoRA training: frozen head, only the hidden states' gradient is asked for.
+    b, t, h, v = 2, 5, 8, 70
+    hidden, weight, targets, mask, cot = make_case(rng, b, t, h, v, mask_p=0.3)
+    w, tgt, msk, g = mx.array(weight), mx.array(targets.astype(np.int32)), mx.array(mask), mx.array(cot)
+    dh = mx.grad(lambda hh: (token_logprobs(hh, w, tgt, msk, chunk_size=16,
+                                            grad_ready=grad_ready) * g).sum())(mx.array(hidden))
+    args = (hidden.reshape(-1, h).astype(np.float64), weight.astype(np.float64),
+            targets.reshape(-1), mask.reshape(-1))
+    want_dh, _ = ref_logprobs_grad(*args, cot.reshape(-1).astype(np.float64))
+    assert rel_err(np.array(dh).reshape(-1, h), want_dh) < GRAD_RTOL
+
+
+def test_polynomial_exp(rng):
+    # The CPU path's exp: float32 rounding level on [-87, 0], tiny and finite below.
+    x = np.concatenate([-rng.exponential(4.0, 50_000), rng.uniform(-87.0, 0.0, 50_000),
+                        [0.0, -1e-30, -0.5 * np.log(2), -87.0]]).astype(np.float32)
+    got = np.array(_exp_poly(mx.array(x)), np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    far = np.array(_exp_poly(mx.array(np.array([-88.0, -1e4, -3e38], np.float32))))
+    assert np.all((far >= 0) & (far < 2e-38))
 
 
 def test_naive_matches_reference(rng):
@@ -152,7 +179,8 @@ def test_naive_matches_reference(rng):
     assert rel_err(dw, want_dw) < GRAD_RTOL
 
 
-def test_extreme_logits(rng):
+@pytest.mark.parametrize("grad_ready", [False, True])
+def test_extreme_logits(rng, grad_ready):
     # Logits of order 1e4. Resample until every row's top two logits are > 10 apart, so
     # float32 rounding of the logits (~1e-3 here) cannot reorder the softmax.
     h, v = 16, 96
@@ -170,29 +198,33 @@ def test_extreme_logits(rng):
     flat = targets.reshape(-1)
     flat[::2] = z.argmax(axis=1)[::2]
     got, _, _ = check_against_reference(hidden, weight, flat.reshape(targets.shape), mask, cot,
-                                        chunk_size=32)
+                                        chunk_size=32, grad_ready=grad_ready)
     assert np.abs(got).max() > 1e3
 
 
-def test_masked_positions_are_exactly_zero(rng):
+@pytest.mark.parametrize("grad_ready", [False, True])
+def test_masked_positions_are_exactly_zero(rng, grad_ready):
     hidden, weight, targets, mask, cot = make_case(rng, 3, 6, 8, 33, mask_p=0.4)
     mask[1] = False                 # one sequence entirely masked
     # Padding ids out of range (below 0 or >= V) must not matter.
     targets[~mask] = rng.choice([-100, 33, 40], size=int((~mask).sum()))
-    got, dh, _ = check_against_reference(hidden, weight, targets, mask, cot, chunk_size=8)
+    got, dh, _ = check_against_reference(hidden, weight, targets, mask, cot, chunk_size=8,
+                                         grad_ready=grad_ready)
     assert np.all(got[~mask] == 0.0)
     assert np.all(dh[~mask] == 0.0)
 
 
-def test_all_masked_gives_zero_and_zero_grads(rng):
+@pytest.mark.parametrize("grad_ready", [False, True])
+def test_all_masked_gives_zero_and_zero_grads(rng, grad_ready):
     hidden, weight, targets, _, cot = make_case(rng, 2, 4, 8, 21)
     mask = np.zeros((2, 4), bool)
     got, dh, dw = mlx_value_and_grads(token_logprobs, hidden, weight, targets, mask, cot,
-                                      chunk_size=8)
+                                      chunk_size=8, grad_ready=grad_ready)
     assert np.all(got == 0.0) and np.all(dh == 0.0) and np.all(dw == 0.0)
 
 
-def test_tied_head_gradient(rng):
+@pytest.mark.parametrize("grad_ready", [False, True])
+def test_tied_head_gradient(rng, grad_ready):
     # The head is the input embedding: gradients from both uses must add up.
     b, t, h, v = 2, 5, 8, 37
     emb = (rng.standard_normal((v, h)) / np.sqrt(h)).astype(np.float32)
@@ -204,7 +236,8 @@ def test_tied_head_gradient(rng):
 
     def loss(e):
         hidden = mx.tanh(e[mx.array(ids)] @ mx.array(proj))
-        out = token_logprobs(hidden, e, mx.array(targets), mx.array(mask), chunk_size=16)
+        out = token_logprobs(hidden, e, mx.array(targets), mx.array(mask), chunk_size=16,
+                             grad_ready=grad_ready)
         return (out * mx.array(cot)).sum()
 
     got = np.array(mx.grad(loss)(mx.array(emb)))
@@ -218,12 +251,13 @@ def test_tied_head_gradient(rng):
     assert rel_err(got, want) < GRAD_RTOL
 
 
-def test_inside_compile_and_value_and_grad(rng):
+@pytest.mark.parametrize("grad_ready", [False, True])
+def test_inside_compile_and_value_and_grad(rng, grad_ready):
     b, t, h, v = 2, 6, 8, 45
     tgt = mx.array(rng.integers(0, v, size=(b, t)).astype(np.int32))
 
     def loss(hh, ww, msk):
-        return (token_logprobs(hh, ww, tgt, msk, chunk_size=16) * 0.5).sum()
+        return (token_logprobs(hh, ww, tgt, msk, chunk_size=16, grad_ready=grad_ready) * 0.5).sum()
 
     step = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
     for _ in range(2):  # second call reuses the compiled graph on new values
@@ -281,9 +315,10 @@ def test_fused_peak_memory_stays_below_full_logits(rng):
     naive = extra_peak(naive_token_logprobs, (0, 1))
     assert naive > full_logits          # the measurement does see a full logits array
     for argnums in (None, 0, (0, 1)):
-        for head_grad in (False, True):
-            fused = extra_peak(token_logprobs, argnums, chunk_size=chunk, head_grad=head_grad)
-            assert fused < full_logits / 2, (argnums, head_grad, fused, full_logits)
+        for head_grad, grad_ready in ((False, False), (True, False), (False, True)):
+            fused = extra_peak(token_logprobs, argnums, chunk_size=chunk, head_grad=head_grad,
+                               grad_ready=grad_ready)
+            assert fused < full_logits / 2, (argnums, head_grad, grad_ready, fused, full_logits)
 
 
 def test_input_validation():
