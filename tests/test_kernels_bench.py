@@ -27,6 +27,13 @@ def test_bench_runs_tiny(tmp_path):
     first = res["sizes"][0]
     assert res["fused"] == first["fused"] and res["speedup"] == first["speedup"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["config"]["grads"] == "hidden" and "grad_ready=True" in res["config"]["fused_call"]
+
+
+def test_bench_trained_head_variant():
+    res = bench.run(sizes=[(1, 8, 16, 45)], repeats=1, chunk_size=16, head_grad=True)
+    assert res["config"]["grads"] == "hidden+weight" and "head_grad=True" in res["config"]["fused_call"]
+    assert res["fused"]["seconds"] > 0 and res["naive"]["seconds"] > 0
 
 
 def test_bench_rejects_bad_repeats():
