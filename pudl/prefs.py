@@ -19,7 +19,9 @@ from pudl.prompts import Prompt, chat_messages
 from pudl.sequences import aligned, pack
 
 
-PAD_MULTIPLE = 16  # batch widths are rounded up so the compiled training step sees few distinct shapes
+# Batch widths are rounded up so the compiled training step sees few distinct shapes; completions are short
+# (a few tokens in the benchmark's pairs), so they round to a finer step than the contexts.
+PAD_MULTIPLE, COMPLETION_MULTIPLE = 16, 8
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ def needed_references(algo: str, pairs: list[Pair], groups: list[Group]) -> list
     return list(dict.fromkeys(keys))
 
 
+def _pack(comp: Completions, keys: list[tuple[str, int]]):
+    return pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE, completion_multiple=COMPLETION_MULTIPLE)
+
+
 def _anchor_flags(keys: list[tuple[str, int]]) -> mx.array:
     return mx.array(np.array([idx == ANCHOR_IDX for _, idx in keys], np.float32))
 
@@ -129,7 +135,7 @@ def dpo_batches(pairs: list[Pair], refs: dict, comp: Completions, cfg, seed: int
         keys = [(p.prompt_id, i) for p in chunk for i in (p.chosen_idx, p.rejected_idx)]
         ref = np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)
         extras = {"ref_logps": mx.array(ref), "is_anchor": _anchor_flags(keys)}
-        batches.append(TrainBatch(pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE), extras, weight))
+        batches.append(TrainBatch(_pack(comp, keys), extras, weight))
     return batches, len(pairs) - len(usable)
 
 
@@ -150,7 +156,7 @@ def group_batches(groups: list[Group], refs: dict, comp: Completions, cfg, seed:
             k = len(g.members)
             slots[row, :k], scores[row, :k], valid[row, :k] = np.arange(n, n + k), g.scores, 1.0
             n += k
-        seqs = pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE)
+        seqs = _pack(comp, keys)
         extras = {
             "ref_logps": mx.array(np.array([refs[k].sum(dtype=np.float64) for k in keys], np.float32)),
             "slots": mx.array(slots), "scores": mx.array(scores), "group_mask": mx.array(valid),
@@ -172,6 +178,6 @@ def sft_batches(prompt_ids: list[str], comp: Completions, cfg, seed: int,
     batches = []
     for chunk in _epochs(usable, cfg, seed, epochs):
         keys = [(pid, ANCHOR_IDX) for pid in chunk]
-        seqs = pack([comp.sequence(*k) for k in keys], multiple=PAD_MULTIPLE)
+        seqs = _pack(comp, keys)
         batches.append(TrainBatch(seqs, {"is_anchor": _anchor_flags(keys)}, len(chunk)))
     return batches, len(prompt_ids) - len(usable)

@@ -21,9 +21,8 @@ import numpy as np
 
 from pudl.cache import ANCHOR_IDX, Candidate, Pair
 from pudl.prompts import Prompt, chat_messages
-from mlx_lm.models.cache import KVCache
 
-from pudl.sequences import _prefix, sequence_logprobs
+from pudl.sequences import pack, sequence_logprobs, shared_hidden
 
 REFERENCE_TEMPLATE = "{prompt}\n\nA reference answer to this request is:\n{anchor}"
 # The instruction comes first and the candidate last, so one prompt's judge contexts share a long token prefix
@@ -113,31 +112,16 @@ def judge_scores(student, tokenizer, items: list[tuple[Prompt, str, str]], batch
         first = contexts[members[0]]
         for i in members[1:]:
             shared = next((k for k in range(shared) if contexts[i][k] != first[k]), shared)
-        states, _ = _prefix(student, first[:shared]) if shared > 0 else (None, None)
+        keep = max(shared, 1)  # the part every member runs once (>= 1 token: a context is never empty)
         members = sorted(members, key=lambda i: len(contexts[i]))
         for start in range(0, len(members), batch_size):
             idx = members[start : start + batch_size]
-            last = _last_hidden(student, states, [contexts[i][shared:] for i in idx])
+            # A dummy target after each suffix: its position holds the hidden state after the suffix's last token.
+            batch = pack([(contexts[i][:keep], contexts[i][keep:] + [0]) for i in idx])
+            hidden = shared_hidden(student, *batch.arrays[:4])
+            last = hidden[mx.arange(len(idx)), mx.array([len(contexts[i]) - keep for i in idx])]
             out[idx] = np.array(mx.softmax((last @ head.T).astype(mx.float32), axis=-1) @ values)
     return out
-
-
-def _last_hidden(student, states, suffixes: list[list[int]]) -> mx.array:
-    """Hidden state [n, H] after the last token of each suffix, continuing a decoded prefix (`states`, or none).
-    Suffixes are right-padded: causal attention keeps every row's real positions exact."""
-    n, width = len(suffixes), max(len(x) for x in suffixes)
-    tokens = np.zeros((n, width), np.int32)
-    for row, x in enumerate(suffixes):
-        tokens[row, : len(x)] = x
-    caches = None
-    if states is not None:
-        caches = []
-        for keys, values in states:
-            cache = KVCache()
-            cache.state = (mx.repeat(keys, n, axis=0), mx.repeat(values, n, axis=0), keys.shape[2])
-            caches.append(cache)
-    hidden = student.model.model(mx.array(tokens), cache=caches)
-    return hidden[mx.arange(n), mx.array([len(x) - 1 for x in suffixes])]
 
 
 def _ngrams(text: str, n: int) -> Counter:

@@ -97,8 +97,8 @@ def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_di
 
     value_and_grad = nn.value_and_grad(model, objective)
 
-    def gradients(inputs, targets, mask, extras):
-        (loss, metrics), grads = value_and_grad(model, TrainBatch(SeqBatch(inputs, targets, mask), extras))
+    def gradients(arrays, extras):
+        (loss, metrics), grads = value_and_grad(model, TrainBatch(SeqBatch(*arrays), extras))
         grad_sq = sum((g * g).sum() for _, g in tree_flatten(grads))
         return loss, metrics, grads, grad_sq
 
@@ -109,8 +109,7 @@ def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_di
     for step in range(start, len(batches)):
         batch = batches[step]
         t_step = time.perf_counter()
-        loss, metrics, grads, grad_sq = gradients(batch.seqs.inputs, batch.seqs.targets, batch.seqs.mask,
-                                                  batch.extras)
+        loss, metrics, grads, grad_sq = gradients(batch.seqs.arrays, batch.extras)
         n_tok = batch.seqs.n_tokens
         if world.size > 1:  # the weighted mean over the global batch, identical on every rank
             loss, metrics, grads = world.weighted_mean((loss, metrics, grads), batch.n_items)
