@@ -54,19 +54,47 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_k: int = 0, top_p: float = 1.0,
          min_p: float = 0.0) -> int:
     """One token: greedy at temperature 0, else top-k, then top-p, then min-p (llama.cpp's order) at `temperature`."""
+    return int(draw_rows(logits[None], temperature, [rng], top_k, top_p, min_p)[0])
+
+
+def draw_rows(logits: np.ndarray, temperature: float, rngs, top_k: int = 0, top_p: float = 1.0,
+              min_p: float = 0.0) -> np.ndarray:
+    """`draw` for every row of `logits` [n, V] at once, row i drawing one uniform from `rngs[i]`.
+
+    Every step is row-wise, so a row's token does not depend on its batch mates: the batched and the
+    sequential sampler (one row at a time) draw the same tokens from the same streams.
+    """
     if temperature <= 0:
-        return int(np.argmax(logits))
-    if 0 < top_k < len(logits):
-        candidates = np.argpartition(-logits, top_k - 1)[:top_k]
-    else:
-        candidates = np.arange(len(logits))
-    candidates = candidates[np.argsort(-logits[candidates], kind="stable")]
-    probs = np.exp(log_softmax(logits[candidates] / temperature))
-    keep = np.cumsum(probs) - probs < top_p  # the smallest prefix whose mass reaches top_p
-    keep &= probs >= min_p * probs[0]
-    kept = candidates[keep]
-    p = probs[keep] / probs[keep].sum()
-    return int(kept[rng.choice(len(kept), p=p)])
+        return logits.argmax(axis=1)
+    candidates = _top_candidates(logits, top_k)  # [n, c]: descending logit, ties to the lower token id
+    probs = np.exp(log_softmax(np.take_along_axis(logits, candidates, axis=1) / temperature))
+    keep = np.cumsum(probs, axis=1) - probs < top_p  # the smallest prefix whose mass reaches top_p
+    keep &= probs >= min_p * probs[:, :1]
+    keep[:, 0] = True  # the most likely token always stays
+    # Inverse-CDF sampling over the kept tokens with one uniform per row (what Generator.choice does).
+    cdf = np.cumsum(np.where(keep, probs, 0.0), axis=1)
+    cdf /= cdf[:, -1:]
+    u = np.array([rng.random() for rng in rngs])
+    pick = np.minimum((cdf <= u[:, None]).sum(axis=1), candidates.shape[1] - 1)
+    return candidates[np.arange(len(candidates)), pick]
+
+
+def _top_candidates(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """Each row's `top_k` token ids (all of them when 0), by descending logit, ties to the lower id."""
+    n, v = logits.shape
+    if not 0 < top_k < v:
+        return np.argsort(-logits, axis=1, kind="stable")
+    logits = np.ascontiguousarray(logits)
+    # A cheap superset of the top k instead of a selection over all V: split each row into G strided groups;
+    # the k groups with the largest maxima hold k values >= the k-th largest maximum t, so the top k are >= t.
+    groups = max(top_k, min(512, v))
+    t = np.partition(logits[:, : v // groups * groups].reshape(n, -1, groups).max(axis=1), groups - top_k,
+                     axis=1)[:, groups - top_k]
+    flat = np.flatnonzero(logits >= t[:, None])  # row-major: ascending ids within a row
+    rows, ids = np.divmod(flat, v)
+    order = np.lexsort((-logits.ravel()[flat], rows))  # by row, then descending logit; stable, so ties by id
+    starts = np.searchsorted(rows, np.arange(n))
+    return ids[order[starts[:, None] + np.arange(top_k)]]
 
 
 def _chat_context(tokenizer, prompt: Prompt, n_ctx: int) -> list[int]:
@@ -117,6 +145,14 @@ class _Batch:
         self._seq_ptrs = (ptr * capacity)(*(ctypes.cast(base + 4 * i, ptr) for i in range(capacity)))
         self.n = 0
 
+        def p(a, ctype):
+            return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+        # The buffers never move, so one struct serves every decode: only its token count changes.
+        self._struct = llama_cpp.llama_batch(0, p(self.token, ctypes.c_int32), None, p(self.pos, ctypes.c_int32),
+                                             p(self.n_seq_id, ctypes.c_int32), self._seq_ptrs,
+                                             p(self.logits, ctypes.c_int8))
+
     def add(self, tokens, pos0: int, seq_id: int, logits_last: bool):
         n = len(tokens)
         s = slice(self.n, self.n + n)
@@ -125,13 +161,8 @@ class _Batch:
         self.n += n
 
     def struct(self):
-        import llama_cpp
-
-        def p(a, ctype):
-            return a.ctypes.data_as(ctypes.POINTER(ctype))
-
-        return llama_cpp.llama_batch(self.n, p(self.token, ctypes.c_int32), None, p(self.pos, ctypes.c_int32),
-                                     p(self.n_seq_id, ctypes.c_int32), self._seq_ptrs, p(self.logits, ctypes.c_int8))
+        self._struct.n_tokens = self.n
+        return self._struct
 
 
 @dataclass
@@ -346,11 +377,8 @@ class Sampler:
                 for idx, sid in enumerate(g.seq_ids):
                     live.append(_Seq(g, idx, sid, candidate_rng(g.seed, idx)))
                     rows.append(r)
-            step = logits[rows]
-            if temperature <= 0:
-                tokens = step.argmax(axis=1)
-            else:
-                tokens = np.array([draw(row, temperature, s.rng, top_k, top_p, min_p) for row, s in zip(step, live)])
+            step = logits[rows]  # a copy: the rows of all live sequences, in `live` order
+            tokens = draw_rows(step, temperature, [s.rng for s in live], top_k, top_p, min_p)
             logps = _token_logprobs(step, tokens)
             still = []
             for s, token, logp in zip(live, tokens.tolist(), logps.tolist()):
@@ -384,9 +412,11 @@ class Sampler:
 
 def _token_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """log_softmax(row)[token] for each row: `log_softmax` without its float64 copy of every row (float32
-    exponentials, pairwise-summed, agree to ~1e-6 and halve the sampler's own time per step)."""
+    exponentials, pairwise-summed in float32, agree to ~1e-6 over a 49k vocabulary and cost a third of it)."""
     m = logits.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(logits - m).sum(axis=1, dtype=np.float64)) + m[:, 0]
+    e = np.subtract(logits, m)
+    np.exp(e, out=e)
+    lse = np.log(e.sum(axis=1).astype(np.float64)) + m[:, 0]
     return logits[np.arange(len(tokens)), tokens] - lse
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from pudl.models import Tokenizer, load_student
 from pudl.prompts import Prompt, chat_messages
-from pudl.sampler import Sampler, draw, log_softmax
+from pudl.sampler import Sampler, _token_logprobs, _top_candidates, draw, draw_rows, log_softmax
 from pudl.sequences import batch_token_logprobs, pack
 
 PROMPT = Prompt("p", "Name a color. Reply with one word.")
@@ -55,3 +55,46 @@ def test_draw_truncation_rules():
     p = np.exp(log_softmax(logits))
     assert p[:2].sum() < 0.99 and {draw(logits, 1.0, rng, top_p=0.5) for _ in range(200)} == {0}
     assert len({draw(logits, 5.0, rng) for _ in range(400)}) == 5
+
+
+def reference_draw(logits, temperature, rng, top_k, top_p, min_p):
+    """The rule written plainly in float64: full sort, truncate, renormalise, `Generator.choice`."""
+    order = np.argsort(-logits.astype(np.float64), kind="stable")
+    if top_k:
+        order = order[:top_k]
+    z = logits[order].astype(np.float64) / temperature
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    keep = (np.cumsum(probs) - probs < top_p) & (probs >= min_p * probs[0])
+    return int(order[keep][rng.choice(keep.sum(), p=probs[keep] / probs[keep].sum())])
+
+
+@pytest.mark.parametrize("vocab", [7, 300, 49152])
+def test_batched_draws_are_the_plain_rule_and_independent_of_batch_mates(vocab):
+    rng = np.random.default_rng()
+    n = 12
+    logits = (rng.normal(size=(n, vocab)) * rng.uniform(0.5, 4.0, size=(n, 1))).astype(np.float32)
+    seeds = rng.integers(2**32, size=n)
+    for temperature, top_k, top_p, min_p in [(1.0, 0, 1.0, 0.0), (0.9, 5, 0.95, 0.05), (1.3, 40, 0.5, 0.0),
+                                             (0.7, 3, 1.0, 0.2)]:
+        rows = draw_rows(logits, temperature, [np.random.default_rng(s) for s in seeds], top_k, top_p, min_p)
+        for i in range(n):  # one row alone, and the plain rule, draw the same token from the same stream
+            alone = draw(logits[i], temperature, np.random.default_rng(seeds[i]), top_k, top_p, min_p)
+            ref = reference_draw(logits[i], temperature, np.random.default_rng(seeds[i]), top_k, top_p, min_p)
+            assert rows[i] == alone == ref
+    assert draw_rows(logits, 0.0, [None] * n).tolist() == logits.argmax(axis=1).tolist()
+
+
+def test_top_candidates_break_ties_by_token_id():
+    logits = np.zeros((2, 1000), np.float32)
+    logits[0, [900, 10, 500]] = 3.0  # three tied maxima
+    logits[1, 999] = 1.0
+    got = _top_candidates(logits, 4)
+    assert got[0].tolist() == [10, 500, 900, 0] and got[1].tolist() == [999, 0, 1, 2]
+
+
+def test_token_logprobs_over_a_full_vocabulary_match_float64():
+    rng = np.random.default_rng()
+    logits = (rng.normal(size=(6, 49152)) * 4).astype(np.float32)
+    tokens = rng.integers(49152, size=6)
+    expected = [log_softmax(row.astype(np.float64))[t] for row, t in zip(logits, tokens)]
+    assert np.allclose(_token_logprobs(logits, tokens), expected, rtol=0, atol=1e-5)
