@@ -139,10 +139,10 @@ class _Batch:
         self.pos = np.zeros(capacity, np.int32)
         self.seq = np.zeros(capacity, np.int32)
         self.logits = np.zeros(capacity, np.int8)
-        self.n_seq_id = np.ones(capacity, np.int32)  # every token belongs to one sequence
-        ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
-        base = self.seq.ctypes.data
-        self._seq_ptrs = (ptr * capacity)(*(ctypes.cast(base + 4 * i, ptr) for i in range(capacity)))
+        self.n_seq_id = np.ones(capacity, np.int32)  # a token belongs to one sequence, unless `share`d
+        self._ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
+        self._seq_ptrs = (self._ptr * capacity)(*(self._own(i) for i in range(capacity)))
+        self._shared = None  # the sequence ids of `share`d tokens, and how many tokens point at them
         self.n = 0
 
         def p(a, ctype):
@@ -152,6 +152,30 @@ class _Batch:
         self._struct = llama_cpp.llama_batch(0, p(self.token, ctypes.c_int32), None, p(self.pos, ctypes.c_int32),
                                              p(self.n_seq_id, ctypes.c_int32), self._seq_ptrs,
                                              p(self.logits, ctypes.c_int8))
+
+    def _own(self, i: int):
+        return ctypes.cast(self.seq.ctypes.data + 4 * i, self._ptr)
+
+    def clear(self):
+        """Empty the batch (`share`d tokens back to one sequence each)."""
+        if self._shared is not None:
+            n = self._shared[1]
+            self.n_seq_id[:n] = 1
+            for i in range(n):
+                self._seq_ptrs[i] = self._own(i)
+            self._shared = None
+        self.n = 0
+
+    def share(self, tokens, start: int, seq_ids: list[int]):
+        """Write `tokens` (positions 0..) at slots start.. (already counted in `n`) as the head of every
+        sequence in `seq_ids`: llama.cpp decodes them once, into KV cells those sequences share."""
+        n = len(tokens)
+        ids = np.array(seq_ids, np.int32)
+        self._shared = (ids, start + n)
+        s = slice(start, start + n)
+        self.token[s], self.pos[s], self.logits[s], self.n_seq_id[s] = tokens, np.arange(n), 0, len(ids)
+        for i in range(start, start + n):
+            self._seq_ptrs[i] = ctypes.cast(ids.ctypes.data, self._ptr)
 
     def add(self, tokens, pos0: int, seq_id: int, logits_last: bool):
         n = len(tokens)
@@ -346,26 +370,28 @@ class Sampler:
         free_ids = list(range(self.n_seq - 1, -1, -1))
         free_cells = self.kv_cells - len(prefix)
         batch = self.batch
-        if prefix:
-            prefix_id = free_ids.pop()
-            batch.n = 0
-            batch.add(prefix, 0, prefix_id, False)
-            self._decode(0)
+        prefix_id = free_ids.pop() if prefix else None
+        shared = bool(prefix)  # the first step decodes the prefix once for its own sequence and its prompts
         live: list[_Seq] = []
         while groups or live:
-            batch.n = 0
+            batch.clear()
             for s in live:  # one step for every live sequence: its last token, logits out
                 batch.add(s.ids[-1:], len(s.group.context) + len(s.ids) - 1, s.seq_id, True)
+            if shared:  # (live is empty): the prefix's slots come first, filled once its prompts are known
+                batch.n = len(prefix)
             new = []  # admit prompts while their worst case fits the free cells, sequence ids and batch
             while groups and len(free_ids) >= k and groups[0].cells <= free_cells \
                     and batch.n + len(groups[0].context) - len(prefix) <= batch.capacity:
                 g = groups.popleft()
                 g.seq_ids = [free_ids.pop() for _ in range(k)]
                 free_cells -= g.cells
-                if prefix:
+                if prefix and not shared:
                     llama_cpp.llama_memory_seq_cp(self.memory, prefix_id, g.seq_ids[0], -1, -1)
                 batch.add(g.context[len(prefix):], len(prefix), g.seq_ids[0], True)
                 new.append(g)
+            if shared:
+                batch.share(prefix, 0, [prefix_id] + [g.seq_ids[0] for g in new])
+                shared = False
             if not batch.n:  # cannot happen with the sizing above; never spin
                 raise RuntimeError("batched sampler: nothing fits the KV cache")
             logits = self._decode(len(live) + len(new))
