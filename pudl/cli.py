@@ -160,10 +160,10 @@ def eval_(recipe, adapter, prompts, as_json):
     student = None
     if adapter_path:
         lora = read_gguf_lora(adapter_path)
-        student = load_student(model_path, lora.rank, lora.alpha, lora.targets)
+        student = load_student(model_path, lora.rank, lora.alpha, lora.targets, weights=r.student.weights)
         student.load_lora_state(lora.state)
     else:
-        student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets)
+        student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets, weights=r.student.weights)
     sampler = Sampler(model_path, tokenizer, adapter_path, n_ctx=r.student.n_ctx, threads=r.student.threads)
     rep = Reporter(None, err_console, quiet=as_json)
     with rep.phase("eval", len(items)) as advance:

@@ -144,7 +144,8 @@ def follow(recipe, world: World) -> None:
     while (job := world.broadcast_object(None)) is not None:
         if student is None:
             r = recipe
-            student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed)
+            student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed,
+                                   weights=r.student.weights)
         comp = Completions(job["prompts"], job["anchors"], job["candidates"], tokenizer)
         t, algo = job["cfg"], job["algo"]
         batches, _ = training_batches(t, job["pairs"], job["groups"], job["refs"], comp, job["seed"], world.shard,

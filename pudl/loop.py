@@ -99,7 +99,8 @@ class Run:
     def student(self):
         if self._student is None:
             r = self.recipe
-            self._student = load_student(self.model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed)
+            self._student = load_student(self.model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed,
+                                         weights=r.student.weights)
         return self._student
 
     @property

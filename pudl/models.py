@@ -10,6 +10,7 @@ quantized linear computes (dequantized float32 on CPU, quantized_matmul on GPU) 
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import math
 from dataclasses import dataclass
@@ -174,7 +175,7 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
         if stem is not None and stem + ".scales" in raw:
             scales, biases = raw[stem + ".scales"], raw[stem + ".biases"]
             bits = _bits(value, scales)
-            if dequantize:
+            if dequantize or stem in ("token_embd", "output"):  # the LM head is read whole by the log-prob kernel
                 # in float32: float16 scales would make MLX dequantize in float16 (~1e-3 off llama.cpp's weights)
                 weights[_mlx_name(name)] = mx.dequantize(value, scales.astype(mx.float32), biases.astype(mx.float32),
                                                          group_size=GROUP_SIZE, bits=bits).astype(dtype)
@@ -208,8 +209,48 @@ class LoRALinear(nn.Module):
         return y + self.scale * ((x @ self.lora_a) @ self.lora_b)
 
 
+@functools.lru_cache(maxsize=None)
+def _dequantized_matmul(group_size: int, bits: int):
+    """x @ dequantize(w).T whose backward dequantizes w again instead of keeping the float32 copy alive."""
+
+    def weight(w, scales, biases):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ weight(w, scales, biases).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangents, outputs):
+        x, w, scales, biases = primals
+        g = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+        # depends on g: a node of its own, so mx.compile cannot merge it with the forward's dequantize
+        dx = g @ weight(mx.depends(w, g), scales, biases)
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
+
+
+class DequantizingLinear(nn.Module):
+    """A frozen quantized linear for the CPU: weights stay as in the GGUF (4-8 bits) and are dequantized to
+    float32 at each use, forward and backward (`student.weights = "quantized"`: ~4x less weight memory than
+    dequantizing once, at the cost of the dequantization per step)."""
+
+    def __init__(self, layer: nn.QuantizedLinear):
+        super().__init__()
+        self.weight, self.group_size, self.bits = layer.weight, layer.group_size, layer.bits
+        # float32 scales: float16 ones would make MLX dequantize in float16 (see load_gguf_weights)
+        self.scales, self.biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
+        if "bias" in layer:
+            self.bias = layer.bias.astype(mx.float32)
+
+    def __call__(self, x):
+        y = _dequantized_matmul(self.group_size, self.bits)(x, self.weight, self.scales, self.biases)
+        return y + self.bias if "bias" in self else y
+
+
 def _in_dims(layer: nn.Module) -> int:
-    if isinstance(layer, nn.QuantizedLinear):
+    if isinstance(layer, (nn.QuantizedLinear, DequantizingLinear)):
         return layer.weight.shape[1] * 32 // layer.bits
     return layer.weight.shape[1]
 
@@ -254,14 +295,23 @@ class Student:
         mx.eval(self.model.parameters())
 
 
+WEIGHT_MODES = ("auto", "float32", "quantized")  # recipe student.weights
+
+
 def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: int = 0,
-                 dequantize: bool | None = None) -> Student:
-    """Build the MLX student from a GGUF file and attach fresh LoRA layers to `targets` (frozen base)."""
+                 dequantize: bool | None = None, weights: str = "auto") -> Student:
+    """Build the MLX student from a GGUF file and attach fresh LoRA layers to `targets` (frozen base).
+
+    weights: "auto" = the compute policy's choice (CPU: dequantized once to float32; GPU: quantized);
+    "float32" = dequantized once; "quantized" = kept as in the GGUF (on CPU computed by DequantizingLinear).
+    The embedding (the tied LM head) is dequantized either way."""
     from pudl.hardware import compute_policy
 
     policy = compute_policy()
+    if weights not in WEIGHT_MODES:
+        raise UserError(f"student.weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
     if dequantize is None:
-        dequantize = policy.dequantize
+        dequantize = policy.dequantize if weights == "auto" else weights == "float32"
     weights, meta, quant_bits = load_gguf_weights(path, dequantize, policy.dtype)
     args = model_args_from_gguf(meta, weights)
     model = ARCHS[args.model_type].Model(args)
@@ -279,6 +329,8 @@ def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: i
     except ValueError as e:
         raise UserError(f"student.model: {path} does not match the {args.model_type} layout ({e})") from None
     model.freeze()
+    if quant_bits and policy.device == "cpu":  # quantized_matmul is ~70x slower than float32 on MLX's CPU
+        _swap_quantized(model)
     key = mx.random.key(seed)
     lora_layers = {}
     for i, layer in enumerate(model.model.layers):
@@ -292,6 +344,19 @@ def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: i
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
     mx.eval(model.parameters())
     return Student(model, args, path, lora_layers, lora_rank, lora_alpha)
+
+
+def _swap_quantized(module: nn.Module):
+    """Replace every QuantizedLinear under `module` by a DequantizingLinear (in place)."""
+    for name, child in module.children().items():
+        if isinstance(child, nn.QuantizedLinear):
+            setattr(module, name, DequantizingLinear(child))
+        elif isinstance(child, nn.Module):
+            _swap_quantized(child)
+        elif isinstance(child, list):
+            for item in child:
+                if isinstance(item, nn.Module):
+                    _swap_quantized(item)
 
 
 class Tokenizer:

@@ -46,6 +46,10 @@ class StudentConfig:
                     choices=QUANTS)
     n_ctx: int = _f(1024, "context window used for sampling and scoring", min=64, max=131072)
     threads: int = _f(0, "llama.cpp threads (0: all cores)", min=0, max=1024)
+    weights: str = _f("auto", "how the MLX trainer holds the frozen base weights: 'float32' (dequantized once: "
+                      "fastest on CPU), 'quantized' (as in the GGUF, dequantized at each use: ~4x less weight "
+                      "memory, slower steps on CPU), 'auto' (CPU: float32; GPU: quantized)",
+                      choices=("auto", "float32", "quantized"), fingerprint=False)
 
 
 @dataclass(frozen=True)

@@ -112,14 +112,16 @@ def shared_hidden(student, contexts, context_mask, owner, targets) -> mx.array:
     return mx.concatenate([first, inner.norm(hidden)], axis=1)
 
 
-def token_logprobs_of(student, contexts, context_mask, owner, targets, mask) -> mx.array:
-    """log p(completion token) [N, L], zero where the mask is zero."""
+def token_logprobs_of(student, contexts, context_mask, owner, targets, mask, grad_ready: bool = False) -> mx.array:
+    """log p(completion token) [N, L], zero where the mask is zero. `grad_ready` (training): the head kernel
+    prepares the hidden states' gradient in its forward pass (no second pass over the vocabulary in the
+    backward; an extra matmul when no gradient is taken, so scoring leaves it off)."""
     hidden = shared_hidden(student, contexts, context_mask, owner, targets)
-    return token_logprobs(hidden, student.head_weight, targets, mask)
+    return token_logprobs(hidden, student.head_weight, targets, mask, grad_ready=grad_ready)
 
 
-def batch_token_logprobs(student, batch: SeqBatch) -> mx.array:
-    return token_logprobs_of(student, *batch.arrays)
+def batch_token_logprobs(student, batch: SeqBatch, grad_ready: bool = False) -> mx.array:
+    return token_logprobs_of(student, *batch.arrays, grad_ready=grad_ready)
 
 
 def completion_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> list[np.ndarray]:

@@ -93,7 +93,7 @@ def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_di
     start = world.sync_training_state(student, optimizer, start)
 
     def objective(_model, batch):
-        return loss_fn(batch_token_logprobs(student, batch.seqs), batch, cfg)
+        return loss_fn(batch_token_logprobs(student, batch.seqs, grad_ready=True), batch, cfg)
 
     value_and_grad = nn.value_and_grad(model, objective)
 

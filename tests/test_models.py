@@ -95,3 +95,41 @@ def test_smollm2_mlx_matches_llama_cpp(smollm2):
     print(f"mean |dlogp| over vocab {diff.mean():.4f}; on the text's tokens mean {taken.mean():.3f} max {taken.max():.3f}")
     assert taken.mean() < 0.1 and taken.max() < 0.6
     assert (ref.argmax(-1) == got.argmax(-1)).mean() > 0.8
+
+
+def test_quantized_weights_mode_matches_float32(tiny_gguf):
+    """student.weights = "quantized" (base weights kept as in the GGUF, dequantized at each use) computes the same
+    log-probs and LoRA gradients as dequantizing once, and really keeps the weights quantized."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from pudl.models import DequantizingLinear
+    from pudl.sequences import batch_token_logprobs, pack
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    dense, lean = (load_student(tiny_gguf, 4, 8.0, targets, seed=3, weights=w) for w in ("float32", "quantized"))
+    assert any(isinstance(m, DequantizingLinear) for _, m in lean.model.named_modules())
+    assert not any(isinstance(m, DequantizingLinear) for _, m in dense.model.named_modules())
+    dense_bytes, lean_bytes = (sum(v.nbytes for _, v in tree_flatten(s.model.model.layers[0].parameters()))
+                               for s in (dense, lean))
+    assert lean_bytes < dense_bytes / 2
+    rng = np.random.default_rng()
+    for layer_d, layer_l in zip(dense.lora_layers.values(), lean.lora_layers.values()):
+        b = mx.array(rng.normal(size=layer_d.lora_b.shape).astype(np.float32) * 0.1)
+        layer_d.lora_b, layer_l.lora_b = b, b
+    seqs = [([int(x) for x in rng.integers(0, 200, 9)], [int(x) for x in rng.integers(0, 200, n)]) for n in (3, 5)]
+    batch = pack(seqs)
+    results = []
+    for student in (dense, lean):
+        def loss(_model, student=student):
+            return batch_token_logprobs(student, batch, grad_ready=True).sum()
+        value, grads = nn.value_and_grad(student.model, loss)(student.model)
+        results.append((float(value), dict(tree_flatten(grads))))
+    (v_d, g_d), (v_l, g_l) = results
+    assert abs(v_d - v_l) <= 1e-5 * abs(v_d)
+    assert g_d.keys() == g_l.keys() and g_d
+    for key in g_d:
+        ref = np.array(g_d[key])
+        assert np.abs(np.array(g_l[key]) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), key
+    with pytest.raises(Exception, match="student.weights"):
+        load_student(tiny_gguf, 4, 8.0, targets, weights="int3")
