@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pudl.hardware import blas_report
+from pudl.bench.common import machine
 from pudl.kernels.bench import DEFAULT_SIZES
 from pudl.kernels.bench import run as run_kernels
 
@@ -10,8 +10,10 @@ TINY_SIZES = ((2, 16, 32, 1000),)
 
 
 def run(tiny: bool = False) -> dict:
+    # The machine (CPU, cores, sgemm rate, load average) is read before the run, as the other benches do.
+    mach = machine(measure=not tiny)
     result = run_kernels(TINY_SIZES if tiny else DEFAULT_SIZES, repeats=1 if tiny else 3)
-    result["machine"] = {k: blas_report(measure=not tiny).get(k) for k in ("platform", "blas", "sgemm_gflops")}
+    result["machine"] = mach
     return result
 
 
