@@ -7,6 +7,7 @@ batch 4 pairs, max length 256, one epoch, on the same weights: pudl trains its M
 SmolLM2-135M Q4_1 GGUF (dequantized to float32); the peers load an HF directory written from that GGUF
 (pudl.hfdir.write_hf_dir: the same float32 values).
   pudl         reference log-probs (adapter off, computed once) + pudl.train.train with the dpo loss
+  pudl_quantized  the same with `student.weights = "quantized"` (base weights kept 4-bit, dequantized at use)
   mlx_lm_lora  mlx_lm_lora.trainer.dpo_trainer.train_dpo (a frozen reference model forward every step), the
                prompt/answer token ids pudl uses; its batches are drawn at random, P/4 of them
   trl          trl.DPOTrainer with a peft LoraConfig on torch CPU (reference = the adapter disabled)
@@ -21,6 +22,7 @@ Run: `python -m pudl.bench.train [--pairs 32 --threads N --profile]` or `pudl be
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -30,8 +32,9 @@ from pathlib import Path
 
 from pudl.bench import common
 
-PEERS = ("pudl", "mlx_lm_lora", "trl")
-PEER_PACKAGES = {"pudl": [], "mlx_lm_lora": ["mlx_lm_lora"], "trl": ["trl", "peft", "torch", "datasets"]}
+PEERS = ("pudl", "pudl_quantized", "mlx_lm_lora", "trl")
+PEER_PACKAGES = {"pudl": [], "pudl_quantized": [], "mlx_lm_lora": ["mlx_lm_lora"],
+                 "trl": ["trl", "peft", "torch", "datasets"]}
 TASKS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tasks-train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = {"rank": 8, "alpha": 16.0, "beta": 0.1, "learning_rate": 1e-4, "batch_size": 4, "max_seq_len": 256}
@@ -97,6 +100,8 @@ def run(tiny: bool = False, n_pairs: int = 32, threads: int = 0, profile: bool =
         **{f"{p}_seconds_per_step": (runs[p]["seconds"] / (n_pairs // SETTINGS["batch_size"]) if runs.get(p) else None)
            for p in PEERS},
         "ratio_vs_mlx_lm_lora": common.ratio(rate["pudl"], rate["mlx_lm_lora"]),
+        "quantized_ratio_vs_mlx_lm_lora": common.ratio(rate["pudl_quantized"], rate["mlx_lm_lora"]),
+        "quantized_memory_ratio_vs_mlx_lm_lora": common.ratio(mem["pudl_quantized"], mem["mlx_lm_lora"]),
         "ratio_vs_trl": common.ratio(rate["pudl"], rate["trl"]),
         **{f"{p}_peak_memory_bytes": mem[p] for p in PEERS},
         "memory_ratio_vs_mlx_lm_lora": common.ratio(mem["pudl"], mem["mlx_lm_lora"]),
@@ -121,13 +126,15 @@ def lines(result: dict) -> list[str]:
            f"{len(result['targets'])} projections, {result['tokens']} tokens, {result['threads']} threads"]
     for p in PEERS:
         if result[f"{p}_tok_s"] is None:
-            out.append(f"  {p:<12} skipped: {result['skipped'].get(p, '?').splitlines()[0]}")
+            out.append(f"  {p:<15} skipped: {result['skipped'].get(p, '?').splitlines()[0]}")
             continue
-        out.append(f"  {p:<12} {result[f'{p}_tok_s']:7.1f} tok/s  {result[f'{p}_seconds_per_step']:6.2f} s/step"
+        out.append(f"  {p:<15} {result[f'{p}_tok_s']:7.1f} tok/s  {result[f'{p}_seconds_per_step']:6.2f} s/step"
                    f"  peak memory {mib(result[f'{p}_peak_memory_bytes'])}")
     out.append(f"  pudl vs mlx-lm-lora {fmt(result['ratio_vs_mlx_lm_lora'], '.2f')}x (memory "
                f"{fmt(result['memory_ratio_vs_mlx_lm_lora'], '.2f')}x), vs TRL {fmt(result['ratio_vs_trl'], '.2f')}x "
                f"(memory {fmt(result['memory_ratio_vs_trl'], '.2f')}x)")
+    out.append(f"  pudl (student.weights=quantized) vs mlx-lm-lora {fmt(result['quantized_ratio_vs_mlx_lm_lora'], '.2f')}x"
+               f" (memory {fmt(result['quantized_memory_ratio_vs_mlx_lm_lora'], '.2f')}x)")
     if result.get("train_ceiling_tok_s"):
         out.append(f"  sgemm {result['machine']['sgemm_gflops']} GFLOP/s -> training ceiling "
                    f"{result['train_ceiling_tok_s']:.0f} tok/s (6 FLOPs/parameter/token); "
@@ -137,7 +144,7 @@ def lines(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    names = {"pudl": "pudl", "mlx_lm_lora": "mlx-lm-lora", "trl": "TRL+PEFT"}
+    names = {"pudl": "pudl", "pudl_quantized": "pudl (quantized)", "mlx_lm_lora": "mlx-lm-lora", "trl": "TRL+PEFT"}
     mem = {names[p]: (result[f"{p}_peak_memory_bytes"] or 0) / 2**20 or None for p in PEERS}
     return common.plot_bars(path, f"pudl bench train: one LoRA-DPO epoch, {result['pairs']} pairs", {
         "tokens/s (higher is better)": {names[p]: result[f"{p}_tok_s"] for p in PEERS},
@@ -150,7 +157,8 @@ def _peer(peer: str, work: Path, threads: int, profile: bool) -> dict:
     from pudl.hardware import peak_memory_bytes
 
     data = json.loads((work / "pairs.json").read_text())
-    prepare = {"pudl": _pudl, "mlx_lm_lora": _mlx_lm_lora, "trl": _trl}[peer]
+    prepare = {"pudl": _pudl, "pudl_quantized": functools.partial(_pudl, weights="quantized"),
+               "mlx_lm_lora": _mlx_lm_lora, "trl": _trl}[peer]
     epoch, extra = prepare(data["pairs"], work, threads)  # loads the model; epoch() runs the timed epoch
     profiler = None
     if profile:
@@ -168,7 +176,7 @@ def _peer(peer: str, work: Path, threads: int, profile: bool) -> dict:
     return {"peer": peer, "tokens": data["tokens"], "seconds": seconds, "peak_rss_bytes": peak_memory_bytes(), **extra}
 
 
-def _pudl(pairs: list[dict], work: Path, threads: int):
+def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto"):
     import numpy as np
 
     from pudl.cache import ANCHOR_IDX, Candidate, Pair
@@ -181,7 +189,7 @@ def _pudl(pairs: list[dict], work: Path, threads: int):
     from pudl.train import train
 
     path = resolve_model_path("smollm2-135m")
-    student = load_student(path, SETTINGS["rank"], SETTINGS["alpha"], TARGETS)
+    student = load_student(path, SETTINGS["rank"], SETTINGS["alpha"], TARGETS, weights=weights)
     cfg = TrainConfig(algo="dpo", beta=SETTINGS["beta"], learning_rate=SETTINGS["learning_rate"], epochs=1,
                       batch_size=SETTINGS["batch_size"], max_seq_len=SETTINGS["max_seq_len"])
     # The pairs as the loop has them: chosen = the anchor, rejected = candidate 0 (its token ids as given).
