@@ -208,10 +208,12 @@ def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto"):
         todo = [Pair(q["id"], "anchor", ANCHOR_IDX, 0, None) for q in pairs]
         batches, skipped = dpo_batches(todo, refs, comp, cfg, seed=0)
         assert not skipped
-        train(student, batches, LOSSES["dpo"], cfg, checkpoint_dir=work / "pudl-ckpt", fingerprint="bench",
-              checkpoint_every=10**9)
+        done = train(student, batches, LOSSES["dpo"], cfg, checkpoint_dir=work / f"pudl-{weights}-ckpt",
+                     fingerprint="bench", checkpoint_every=10**9)
+        info["steps_trained"] = done.steps - done.resumed_from  # a stale checkpoint would skip the epoch
 
-    return epoch, {"lora_params": lora_params}
+    info = {"lora_params": lora_params}
+    return epoch, info
 
 
 def _mlx_lm_lora(pairs: list[dict], work: Path, threads: int):

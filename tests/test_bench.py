@@ -68,6 +68,7 @@ def test_bench_train_tiny_runs_pudl_and_whatever_peers_are_installed(tmp_path):
     quantized = result["runs"]["pudl_quantized"]  # the student.weights = "quantized" variant, same LoRA
     assert result["pudl_quantized_tok_s"] == result["tokens"] / quantized["seconds"]
     assert quantized["lora_params"] == result["runs"]["pudl"]["lora_params"]
+    assert result["runs"]["pudl"]["steps_trained"] == quantized["steps_trained"] == result["steps"]
     needs = {"mlx_lm_lora": ["mlx_lm_lora"], "trl": ["trl", "peft", "torch", "datasets"]}
     for peer, modules in needs.items():
         installed = all(importlib.util.find_spec(m) is not None for m in modules)
