@@ -19,6 +19,23 @@ def fmt(x: float) -> str:
     return "—" if x != x else f"{x:.2f}"
 
 
+def print_table(out: dict, label: str = "scorer"):
+    """order_consistency's result (name -> figures) as a markdown table, per-family AUC / Spearman columns."""
+    first = next(iter(out.values()))
+    families = sorted(first["by_family"])
+    print(f"{first['candidates']} candidates: {fmt(first['correct_fraction'])} lenient-correct, "
+          f"{fmt(first['strict_fraction'])} strict-correct, {first['mixed_groups']} mixed groups")
+    print(f"| {label} | AUC lenient | AUC strict | Spearman | Spearman within | best-vs-worst | "
+          + " | ".join(f"{f}: AUC / ρ" for f in families) + " |")
+    print("|" + " --- |" * (6 + len(families)))
+    for name, r in out.items():
+        fam = " | ".join(f"{fmt(r['by_family'][f]['auc'])} / {fmt(r['by_family'][f]['spearman'])}" for f in families)
+        print(f"| `{name}` | {fmt(r['auc'])} | {fmt(r['auc_strict'])} | {fmt(r['spearman'])} | "
+              f"{fmt(r['spearman_within'])} | {fmt(r['best_vs_worst_correct'])} | {fam} |")
+    print("lenient-correct fraction per family:",
+          {f: fmt(first["by_family"][f]["correct_fraction"]) for f in families})
+
+
 def main(run_dir: str, prompts_file: str):
     cache = Cache(f"{run_dir}/cache.sqlite")
     scores = {s: cache.scores(1, s) for s in SCORERS}
@@ -26,19 +43,8 @@ def main(run_dir: str, prompts_file: str):
     prompts = [p for p in load_prompts(prompts_file) if p.id in common]
     out = order_consistency(prompts, cache.candidates(1),
                             {s: {k: v for k, v in scores[s].items() if k in common} for s in SCORERS})
-    first = next(iter(out.values()))
-    families = sorted(first["by_family"])
-    print(f"{len(prompts)} prompts, {first['candidates']} candidates: {fmt(first['correct_fraction'])} lenient-correct, "
-          f"{fmt(first['strict_fraction'])} strict-correct")
-    print("| scorer | AUC lenient | AUC strict | Spearman | Spearman within | best-vs-worst (groups) | "
-          + " | ".join(f"{f}: AUC / ρ" for f in families) + " |")
-    print("|" + " --- |" * (6 + len(families)))
-    for scorer, r in out.items():
-        fam = " | ".join(f"{fmt(r['by_family'][f]['auc'])} / {fmt(r['by_family'][f]['spearman'])}" for f in families)
-        print(f"| `{scorer}` | {fmt(r['auc'])} | {fmt(r['auc_strict'])} | {fmt(r['spearman'])} | "
-              f"{fmt(r['spearman_within'])} | {fmt(r['best_vs_worst_correct'])} ({r['mixed_groups']}) | {fam} |")
-    print("lenient-correct fraction per family:",
-          {f: fmt(first["by_family"][f]["correct_fraction"]) for f in families})
+    print(f"{len(prompts)} prompts")
+    print_table(out)
     with open(f"{run_dir}/order-consistency.json", "w") as f:
         json.dump(out, f, indent=1)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import time
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.prompts import Prompt, chat_messages, load_prompts
 from pudl.scoring import anchored_messages, chrf, order_consistency
 from pudl.sequences import completion_logprobs
+
+from order_consistency import print_table  # studies/ is the script's own directory on sys.path
 
 AGAIN = "Answer again."
 
@@ -150,8 +151,25 @@ def ensure_candidates(cache: Cache, prompts: list[Prompt], recipe_path: str, tok
     print(f"sampled {len(todo)} prompts x K={recipe.sample.k} in {time.time() - started:.0f} s")
 
 
-def fmt(x: float) -> str:
-    return "—" if x != x else f"{x:.2f}"
+def save_tokens(path: str, forward: dict, reverse: dict):
+    """The per-token log-probs as an .npz (keys f<TAB>context<TAB>prompt<TAB>i and r<TAB>prompt<TAB>i)."""
+    arrays = {f"f\t{c}\t{pid}\t{i}": a for c, by in forward.items() for pid, xs in by.items() for i, a in enumerate(xs)}
+    arrays.update({f"r\t{pid}\t{i}": a for pid, xs in reverse.items() for i, a in enumerate(xs)})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_tokens(path: str) -> tuple[dict, dict]:
+    forward: dict = {}
+    reverse: dict = {}
+    with np.load(path) as data:
+        for key in sorted(data.files, key=lambda k: (k.rsplit("\t", 1)[0], int(k.rsplit("\t", 1)[1]))):
+            kind, *where, _ = key.split("\t")
+            if kind == "f":
+                forward.setdefault(where[0], {}).setdefault(where[1], []).append(data[key])
+            else:
+                reverse.setdefault(where[0], []).append(data[key])
+    return forward, reverse
 
 
 def main(argv=None):
@@ -160,7 +178,7 @@ def main(argv=None):
     ap.add_argument("prompts")
     ap.add_argument("--sample", metavar="RECIPE", help="sample missing prompts first with this recipe's [sample]")
     ap.add_argument("--json", help="write every variant's figures here")
-    ap.add_argument("--tokens", help="keep the per-token log-probs in this pickle and reuse them when it exists "
+    ap.add_argument("--tokens", help="keep the per-token log-probs in this .npz and reuse them when it exists "
                     "(same cache, prompts and contexts): new aggregations cost nothing")
     ap.add_argument("--contexts", default=",".join([*CONTEXTS, "reverse"]),
                     help="comma-separated forward contexts to score (plain always), and 'reverse'")
@@ -184,14 +202,12 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown context(s) {', '.join(sorted(unknown))} (choose from {', '.join([*CONTEXTS, 'reverse'])})")
     if args.tokens and Path(args.tokens).exists():
-        with open(args.tokens, "rb") as f:
-            forward, reverse = pickle.load(f)
+        forward, reverse = load_tokens(args.tokens)
     else:
         student = load_student(model_path, 1, 1.0, ["q_proj"])  # the adapter is switched off while scoring
         forward, reverse = token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts)
         if args.tokens:
-            with open(args.tokens, "wb") as f:
-                pickle.dump((forward, reverse), f)
+            save_tokens(args.tokens, forward, reverse)
     print(f"scored {len(prompts)} prompts in {', '.join(forward)}{' and reverse' if reverse else ''}: "
           f"{time.time() - started:.0f} s")
     scores = aggregations(forward, reverse, tokenizer.eos_id, candidates)
@@ -200,17 +216,8 @@ def main(argv=None):
     scores["-length (no model)"] = {p.id: [-len(c.token_ids) for c in candidates[p.id]] for p in prompts}
     result = order_consistency(prompts, candidates, scores)
 
-    first = next(iter(result.values()))
-    families = sorted(first["by_family"])
-    print(f"{len(prompts)} prompts, {first['candidates']} candidates: {fmt(first['correct_fraction'])} "
-          f"lenient-correct, {fmt(first['strict_fraction'])} strict-correct, {first['mixed_groups']} mixed groups")
-    print("| variant | AUC lenient | AUC strict | Spearman within | best-vs-worst | "
-          + " | ".join(f"{f} AUC" for f in families) + " |")
-    print("|" + " --- |" * (5 + len(families)))
-    for name, r in result.items():
-        fam = " | ".join(fmt(r["by_family"][f]["auc"]) for f in families)
-        print(f"| {name} | {fmt(r['auc'])} | {fmt(r['auc_strict'])} | {fmt(r['spearman_within'])} | "
-              f"{fmt(r['best_vs_worst_correct'])} | {fam} |")
+    print(f"{len(prompts)} prompts")
+    print_table(result, "variant")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
