@@ -8,6 +8,8 @@ SmolLM2-135M Q4_1 GGUF (dequantized to float32); the peers load an HF directory 
 (pudl.hfdir.write_hf_dir: the same float32 values).
   pudl         reference log-probs (adapter off, computed once) + pudl.train.train with the dpo loss
   pudl_quantized  the same with `student.weights = "quantized"` (base weights kept 4-bit, dequantized at use)
+  pudl_no_recompute  the same with `train.recompute = false` (every layer's activations kept for the backward
+               pass instead of recomputed there: faster steps, more memory)
   mlx_lm_lora  mlx_lm_lora.trainer.dpo_trainer.train_dpo (a frozen reference model forward every step), the
                prompt/answer token ids pudl uses; its batches are drawn at random, P/4 of them
   trl          trl.DPOTrainer with a peft LoraConfig on torch CPU (reference = the adapter disabled)
@@ -32,8 +34,10 @@ from pathlib import Path
 
 from pudl.bench import common
 
-PEERS = ("pudl", "pudl_quantized", "mlx_lm_lora", "trl")
-PEER_PACKAGES = {"pudl": [], "pudl_quantized": [], "mlx_lm_lora": ["mlx_lm_lora"],
+PEERS = ("pudl", "pudl_quantized", "pudl_no_recompute", "mlx_lm_lora", "trl")
+VARIANTS = {"pudl_quantized": ("quantized", "student.weights=quantized"),  # pudl with one setting changed
+            "pudl_no_recompute": ("no_recompute", "train.recompute=false")}
+PEER_PACKAGES = {"pudl": [], "pudl_quantized": [], "pudl_no_recompute": [], "mlx_lm_lora": ["mlx_lm_lora"],
                  "trl": ["trl", "peft", "torch", "datasets"]}
 TASKS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tasks-train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,7 +88,7 @@ def run(tiny: bool = False, n_pairs: int = 32, threads: int = 0, profile: bool =
             if missing:
                 runs[peer], reasons[peer] = None, f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"
                 continue
-            if peer != "pudl" and hf_dir is None:
+            if peer in ("mlx_lm_lora", "trl") and hf_dir is None:
                 hf_dir = write_hf_dir(resolve_model_path("smollm2-135m"), work / "hf")
             args = ["--peer", peer, "--work", str(work), "--threads", str(threads)] + (["--profile"] if profile else [])
             try:
@@ -100,8 +104,10 @@ def run(tiny: bool = False, n_pairs: int = 32, threads: int = 0, profile: bool =
         **{f"{p}_seconds_per_step": (runs[p]["seconds"] / (n_pairs // SETTINGS["batch_size"]) if runs.get(p) else None)
            for p in PEERS},
         "ratio_vs_mlx_lm_lora": common.ratio(rate["pudl"], rate["mlx_lm_lora"]),
-        "quantized_ratio_vs_mlx_lm_lora": common.ratio(rate["pudl_quantized"], rate["mlx_lm_lora"]),
-        "quantized_memory_ratio_vs_mlx_lm_lora": common.ratio(mem["pudl_quantized"], mem["mlx_lm_lora"]),
+        **{f"{short}_ratio_vs_mlx_lm_lora": common.ratio(rate[p], rate["mlx_lm_lora"])
+           for p, (short, _) in VARIANTS.items()},
+        **{f"{short}_memory_ratio_vs_mlx_lm_lora": common.ratio(mem[p], mem["mlx_lm_lora"])
+           for p, (short, _) in VARIANTS.items()},
         "ratio_vs_trl": common.ratio(rate["pudl"], rate["trl"]),
         **{f"{p}_peak_memory_bytes": mem[p] for p in PEERS},
         "memory_ratio_vs_mlx_lm_lora": common.ratio(mem["pudl"], mem["mlx_lm_lora"]),
@@ -133,8 +139,9 @@ def lines(result: dict) -> list[str]:
     out.append(f"  pudl vs mlx-lm-lora {fmt(result['ratio_vs_mlx_lm_lora'], '.2f')}x (memory "
                f"{fmt(result['memory_ratio_vs_mlx_lm_lora'], '.2f')}x), vs TRL {fmt(result['ratio_vs_trl'], '.2f')}x "
                f"(memory {fmt(result['memory_ratio_vs_trl'], '.2f')}x)")
-    out.append(f"  pudl (student.weights=quantized) vs mlx-lm-lora {fmt(result['quantized_ratio_vs_mlx_lm_lora'], '.2f')}x"
-               f" (memory {fmt(result['quantized_memory_ratio_vs_mlx_lm_lora'], '.2f')}x)")
+    for short, setting in VARIANTS.values():
+        out.append(f"  pudl ({setting}) vs mlx-lm-lora {fmt(result[f'{short}_ratio_vs_mlx_lm_lora'], '.2f')}x"
+                   f" (memory {fmt(result[f'{short}_memory_ratio_vs_mlx_lm_lora'], '.2f')}x)")
     if result.get("train_ceiling_tok_s"):
         out.append(f"  sgemm {result['machine']['sgemm_gflops']} GFLOP/s -> training ceiling "
                    f"{result['train_ceiling_tok_s']:.0f} tok/s (6 FLOPs/parameter/token); "
@@ -144,7 +151,8 @@ def lines(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> Path | None:
-    names = {"pudl": "pudl", "pudl_quantized": "pudl (quantized)", "mlx_lm_lora": "mlx-lm-lora", "trl": "TRL+PEFT"}
+    names = {"pudl": "pudl", "pudl_quantized": "pudl (quantized)", "pudl_no_recompute": "pudl (no recompute)",
+             "mlx_lm_lora": "mlx-lm-lora", "trl": "TRL+PEFT"}
     mem = {names[p]: (result[f"{p}_peak_memory_bytes"] or 0) / 2**20 or None for p in PEERS}
     return common.plot_bars(path, f"pudl bench train: one LoRA-DPO epoch, {result['pairs']} pairs", {
         "tokens/s (higher is better)": {names[p]: result[f"{p}_tok_s"] for p in PEERS},
@@ -158,6 +166,7 @@ def _peer(peer: str, work: Path, threads: int, profile: bool) -> dict:
 
     data = json.loads((work / "pairs.json").read_text())
     prepare = {"pudl": _pudl, "pudl_quantized": functools.partial(_pudl, weights="quantized"),
+               "pudl_no_recompute": functools.partial(_pudl, recompute=False),
                "mlx_lm_lora": _mlx_lm_lora, "trl": _trl}[peer]
     epoch, extra = prepare(data["pairs"], work, threads)  # loads the model; epoch() runs the timed epoch
     profiler = None
@@ -176,7 +185,7 @@ def _peer(peer: str, work: Path, threads: int, profile: bool) -> dict:
     return {"peer": peer, "tokens": data["tokens"], "seconds": seconds, "peak_rss_bytes": peak_memory_bytes(), **extra}
 
 
-def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto"):
+def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto", recompute: bool = True):
     import numpy as np
 
     from pudl.cache import ANCHOR_IDX, Candidate, Pair
@@ -191,7 +200,7 @@ def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto"):
     path = resolve_model_path("smollm2-135m")
     student = load_student(path, SETTINGS["rank"], SETTINGS["alpha"], TARGETS, weights=weights)
     cfg = TrainConfig(algo="dpo", beta=SETTINGS["beta"], learning_rate=SETTINGS["learning_rate"], epochs=1,
-                      batch_size=SETTINGS["batch_size"], max_seq_len=SETTINGS["max_seq_len"])
+                      batch_size=SETTINGS["batch_size"], max_seq_len=SETTINGS["max_seq_len"], recompute=recompute)
     # The pairs as the loop has them: chosen = the anchor, rejected = candidate 0 (its token ids as given).
     prompts = {q["id"]: Prompt(q["id"], q["messages"][-1]["content"]) for q in pairs}
     anchors = {q["id"]: q["chosen"] for q in pairs}
@@ -208,7 +217,7 @@ def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto"):
         todo = [Pair(q["id"], "anchor", ANCHOR_IDX, 0, None) for q in pairs]
         batches, skipped = dpo_batches(todo, refs, comp, cfg, seed=0)
         assert not skipped
-        done = train(student, batches, LOSSES["dpo"], cfg, checkpoint_dir=work / f"pudl-{weights}-ckpt",
+        done = train(student, batches, LOSSES["dpo"], cfg, checkpoint_dir=work / f"pudl-{weights}-{recompute}-ckpt",
                      fingerprint="bench", checkpoint_every=10**9)
         info["steps_trained"] = done.steps - done.resumed_from  # a stale checkpoint would skip the epoch
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import llama, qwen2, qwen3
+from pudl.mlx_lm_models import llama, qwen2, qwen3
 
 from pudl.errors import UserError
 

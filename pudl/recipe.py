@@ -125,6 +125,9 @@ class TrainConfig:
     batch_size: int = _f(4, "pairs (dpo) or prompt groups (listwise) per optimizer step", min=1, max=4096)
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0, max=1.0)
     max_seq_len: int = _f(256, "longest prompt + completion trained on (longer pairs are skipped)", min=8)
+    recompute: bool = _f(True, "gradient checkpointing: recompute each layer's activations in the backward pass "
+                         "instead of keeping them (much less memory, ~25 % slower steps; same numbers)",
+                         fingerprint=False)
     # How often progress is saved does not change what is learned: not part of the stage fingerprint.
     checkpoint_every: int = _f(50, "save LoRA + optimizer state every N steps (and at the end) for resume",
                                min=1, fingerprint=False)

@@ -11,6 +11,7 @@ exactly what the scorer and the reference pass compute. In the demo, contexts ar
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -82,23 +83,47 @@ class _AfterContext:
         return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
 
 
-def shared_hidden(student, contexts, context_mask, owner, targets) -> mx.array:
+def _context_layer(layer, hidden, mask):
+    kv = _KeepKV()
+    return layer(hidden, mask, kv), kv.keys, kv.values
+
+
+def _completion_layer(layer, hidden, mask, keys, values):
+    return layer(hidden, mask, _AfterContext(keys, values))
+
+
+def _recomputed(layer, fn):
+    """`fn(layer, *arrays)` whose intermediates are not kept for the backward pass but recomputed there (gradient
+    checkpointing): only the layer's inputs stay alive. The trainable parameters are passed in explicitly so
+    their gradients flow through the checkpoint."""
+    def run(params, *arrays):
+        layer.update(params)
+        return fn(layer, *arrays)
+
+    checkpointed = mx.checkpoint(run)
+    return lambda *arrays: checkpointed(layer.trainable_parameters(), *arrays)
+
+
+def shared_hidden(student, contexts, context_mask, owner, targets, recompute: bool = False) -> mx.array:
     """Final normed hidden states [N, L, H]; position j predicts completion token j (`targets[:, j]`).
 
     Left padding keeps every context's last token in the last column, and a row's positions are shifted by
     its padding alike, so rope's relative angles are those of the sequence alone; padded keys are masked
-    out (a padded query attends to itself only, so nothing is ever 0/0)."""
+    out (a padded query attends to itself only, so nothing is ever 0/0). `recompute` (training): each layer's
+    activations are recomputed in the backward pass instead of kept (less memory, one more forward)."""
     inner = student.model.model
     if any(getattr(layer, "use_sliding", False) for layer in inner.layers):
         raise ValueError("shared_hidden: sliding-window attention is not supported")
+    wrap = _recomputed if recompute else (lambda layer, fn: functools.partial(fn, layer))
     width_c, width_y = contexts.shape[1], targets.shape[1]
     valid = context_mask > 0
     causal = mx.tril(mx.ones((width_c, width_c), mx.bool_))
     mask = ((causal[None] & valid[:, None, :]) | mx.eye(width_c, dtype=mx.bool_)[None])[:, None]
     hidden = inner.embed_tokens(contexts)
-    kept = [_KeepKV() for _ in inner.layers]
-    for layer, kv in zip(inner.layers, kept):
-        hidden = layer(hidden, mask, kv)
+    kept = []
+    for layer in inner.layers:
+        hidden, keys, values = wrap(layer, _context_layer)(hidden, mask)
+        kept.append((keys, values))
     first = inner.norm(hidden[:, -1:, :])[owner]  # [N, 1, H]: predicts each completion's first token
     if width_y == 1:
         return first
@@ -107,21 +132,22 @@ def shared_hidden(student, contexts, context_mask, owner, targets) -> mx.array:
     mask = mx.concatenate([mx.broadcast_to(valid[owner][:, None, :], (n, rest, width_c)),
                            mx.broadcast_to(own[None], (n, rest, rest))], axis=2)[:, None]
     hidden = inner.embed_tokens(targets[:, :-1])
-    for layer, kv in zip(inner.layers, kept):
-        hidden = layer(hidden, mask, _AfterContext(kv.keys[owner], kv.values[owner]))
+    for layer, (keys, values) in zip(inner.layers, kept):
+        hidden = wrap(layer, _completion_layer)(hidden, mask, keys[owner], values[owner])
     return mx.concatenate([first, inner.norm(hidden)], axis=1)
 
 
-def token_logprobs_of(student, contexts, context_mask, owner, targets, mask, grad_ready: bool = False) -> mx.array:
+def token_logprobs_of(student, contexts, context_mask, owner, targets, mask, grad_ready: bool = False,
+                      recompute: bool = False) -> mx.array:
     """log p(completion token) [N, L], zero where the mask is zero. `grad_ready` (training): the head kernel
     prepares the hidden states' gradient in its forward pass (no second pass over the vocabulary in the
     backward; an extra matmul when no gradient is taken, so scoring leaves it off)."""
-    hidden = shared_hidden(student, contexts, context_mask, owner, targets)
+    hidden = shared_hidden(student, contexts, context_mask, owner, targets, recompute)
     return token_logprobs(hidden, student.head_weight, targets, mask, grad_ready=grad_ready)
 
 
-def batch_token_logprobs(student, batch: SeqBatch, grad_ready: bool = False) -> mx.array:
-    return token_logprobs_of(student, *batch.arrays, grad_ready=grad_ready)
+def batch_token_logprobs(student, batch: SeqBatch, grad_ready: bool = False, recompute: bool = False) -> mx.array:
+    return token_logprobs_of(student, *batch.arrays, grad_ready=grad_ready, recompute=recompute)
 
 
 def completion_logprobs(student, sequences, batch_size: int = 8, adapter: bool = True) -> list[np.ndarray]:

@@ -79,15 +79,18 @@ def test_padded_batch_layout(student):
         pack([([], [1, 2])])
 
 
-def test_shared_prefix_gradients_match_full_sequences(student):
-    """The LoRA gradients of a loss over the prefix-shared batch equal those over the full sequences."""
+@pytest.mark.parametrize("recompute", [False, True])
+def test_shared_prefix_gradients_match_full_sequences(student, recompute):
+    """The LoRA gradients of a loss over the prefix-shared batch equal those over the full sequences, with and
+    without recomputing the layers' activations in the backward pass (gradient checkpointing)."""
     rng = np.random.default_rng()
     seqs = _sequences(rng, n_contexts=2, n=6, max_completion=6)
     weights = [float(w) for w in rng.normal(size=len(seqs))]
     batch = pack(seqs, multiple=4)
 
     def shared_loss(_model):
-        return (batch_token_logprobs(student, batch).sum(axis=1) * mx.array(weights)).sum()
+        logps = batch_token_logprobs(student, batch, recompute=recompute)
+        return (logps.sum(axis=1) * mx.array(weights)).sum()
 
     def full_loss(_model):
         return sum(w * _full_logprobs(student, c, y).sum() for w, (c, y) in zip(weights, seqs))
