@@ -29,7 +29,7 @@ from pudl.recipe import Recipe, load_recipe
 
 METRICS = ("strict_accuracy", "lenient_accuracy", "teacher_calls", "tokens_sampled", "wall_seconds")
 STUDY_KEYS = {"out", "recipe", "seeds", "set", "seed_cache", "title"}
-ARM_KEYS = {"name", "recipe", "set", "base", "label"}
+ARM_KEYS = {"name", "recipe", "set", "base", "label", "cache_from"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Arm:
     overrides: tuple[str, ...] = ()
     base: bool = False  # the untrained student (no run of its own)
     label: str = ""
+    cache_from: str = ""  # an earlier arm whose same-seed run cache this arm starts from
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,13 @@ def load_study(path: str | Path) -> Study:
             raise UserError(f"{where}: name: required, letters, digits, '-', '_' or '.' (it names a directory)")
         if name in names:
             raise UserError(f"{where}: name: {name!r} appears twice")
+        cache_from = a.get("cache_from", "")
+        if cache_from and (cache_from not in names or any(b.base for b in arms if b.name == cache_from)):
+            raise UserError(f"{where}: cache_from: {cache_from!r} is not a trained arm listed before {name!r}")
         names.add(name)
         arms.append(Arm(name, local(a["recipe"], f"arm {name}: recipe") if "recipe" in a else "",
                         _strings(a.get("set", []), f"{where}: set"), bool(a.get("base", False)),
-                        str(a.get("label", ""))))
+                        str(a.get("label", "")), str(cache_from)))
     if not any(not a.base for a in arms):
         raise UserError(f"{path}: at least one [[arm]] that trains is needed (the base arm reads its evaluation)")
     return Study(str(path), s.get("out") or str(Path("runs") / f"study-{path.stem}"), local(s["recipe"], "study.recipe"),
@@ -153,7 +157,9 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say, execute: b
     if not execute:
         say(f"{arm.name} seed {seed}: not run yet (left out by --arm)")
         return None
-    if study.seed_cache:
+    if arm.cache_from:  # e.g. the same candidates and scores: identical by seeding, so only computed once
+        _seed_from(Path(study.out) / arm.cache_from / f"seed-{seed}", run_dir)
+    elif study.seed_cache:
         _seed_from(Path(study.seed_cache), run_dir)
     say(f"{arm.name} seed {seed}: running {recipe.path} in {run_dir}")
     t0 = time.perf_counter()

@@ -41,6 +41,10 @@ set = ["train.algo=sft"]
 [[arm]]
 name = "pu-dpo"
 set = ["rank.pairs=anchor-vs-worst"]
+[[arm]]
+name = "pu-bvw"
+cache_from = "pu-dpo"
+set = ["rank.pairs=best-vs-worst"]
 """
 
 
@@ -51,7 +55,7 @@ def test_tiny_study_writes_table_json_and_chart_from_real_runs(tmp_path, tiny_gg
     assert out.returncode == 0, out.stderr[-3000:]
     d = tmp_path / "study"
     result = json.loads((d / "study.json").read_text())
-    assert [a["arm"] for a in result["arms"]] == ["base", "sft", "pu-dpo"]
+    assert [a["arm"] for a in result["arms"]] == ["base", "sft", "pu-dpo", "pu-bvw"]
     runs = {r["arm"]: r for r in result["runs"]}
     for arm in ("sft", "pu-dpo"):  # each trained arm is a real run with its own summary
         summary = json.loads((d / arm / "seed-3" / "summary.json").read_text())
@@ -65,12 +69,21 @@ def test_tiny_study_writes_table_json_and_chart_from_real_runs(tmp_path, tiny_gg
     assert all("nll/anchor" in s for s in steps if s["kind"] == "step")
     assert runs["base"]["strict_accuracy"] == json.loads((d / "sft/seed-3/summary.json").read_text())["before"]["strict_accuracy"]
     assert "judge" in runs["pu-dpo"]["ranker"]
+    # cache_from: pu-bvw started from pu-dpo's cache, so it ranked the very same candidates, sampled once
+    stages = json.loads((d / "pu-bvw/seed-3/summary.json").read_text())["stages"]["1"]
+    assert stages["sample"] == stages["score"] == "reused" and stages["prefs"] == "recomputed"  # other pairs
+
+    def candidates(arm):
+        with sqlite3.connect(d / arm / "seed-3/cache.sqlite") as c:
+            return c.execute("SELECT * FROM candidates ORDER BY 1, 2").fetchall()
+
+    assert candidates("pu-bvw") == candidates("pu-dpo") and len(candidates("pu-dpo")) > 0
     table = (d / "study.md").read_text()
-    assert table.count("\n| ") == 5 and "| pu-dpo |" in table and "± 0.000" in table
+    assert table.count("\n| ") == 6 and "| pu-dpo |" in table and "± 0.000" in table
     assert (d / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mtime = (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns
     again = pudl("study", str(study), "--quiet", "--arm", "sft")
-    assert again.returncode == 0 and again.stderr.count("done before") == 2, again.stderr[-2000:]
+    assert again.returncode == 0 and again.stderr.count("done before") == 3, again.stderr[-2000:]
     assert (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns == mtime
 
 
@@ -78,6 +91,8 @@ def test_study_mistakes_are_one_line(tmp_path, tiny_gguf):
     tiny_recipe(tmp_path, tiny_gguf, 'algo = "dpo"')
     with pytest.raises(UserError, match="arm 1: colour: unknown key"):
         load_study(write_study(tmp_path, '[[arm]]\nname = "a"\ncolour = 1'))
+    with pytest.raises(UserError, match="cache_from: 'b' is not a trained arm listed before 'a'"):
+        load_study(write_study(tmp_path, '[[arm]]\nname = "a"\ncache_from = "b"\n[[arm]]\nname = "b"'))
     with pytest.raises(UserError, match="at least one"):
         load_study(write_study(tmp_path, '[[arm]]\nname = "b"\nbase = true'))
     (tmp_path / "other.jsonl").write_text((tmp_path / "p.jsonl").read_text().splitlines()[0] + "\n")
