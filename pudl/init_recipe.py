@@ -71,6 +71,12 @@ def resolved_recipe(recipe: Recipe) -> str:
     """A run's recipe as it ran (overrides applied, paths resolved): loadable with pudl.recipe.load_recipe."""
     values = {name: {f.name: getattr(getattr(recipe, name), f.name) for f in dataclasses.fields(cls)}
               for name, cls in SECTIONS.items()}
+    # Paths are resolved against the recipe's folder, which may itself be relative to where pudl ran: made
+    # absolute, the file loads from anywhere (run.out stays as given: it names where the run was written).
+    for section, key in (("data", "prompts"), ("data", "eval"), ("teacher", "path"), ("student", "model")):
+        value = values[section][key]
+        if value and Path(value).exists():
+            values[section][key] = str(Path(value).resolve())
     return render_recipe(values, f"The recipe this run used, resolved from {recipe.path}\n"
                                  "(command-line --set overrides applied, file paths made absolute).", all_set=True)
 

@@ -12,6 +12,11 @@ within-group Spearman, and the lenient AUC per task family (`pudl.scoring.order_
 `--sample RECIPE` first samples the prompts that the cache has no round-1 candidates for, with pudl's sampler
 and the recipe's [sample] settings (seed = run.seed), and stores them with the task suite's reference answers as
 anchors (the demo's `tasks` teacher): a second, independent candidate set for the held-out prompts.
+
+`--adapter ROUND_DIR` (e.g. runs/demo/round-1) uses a trained student instead of the base one, for sampling
+(llama.cpp with the round's adapter.gguf) and for scoring (MLX with its adapter.safetensors; the LoRA settings
+come from the run's recipe.toml): how well does the student rank after training, on prompts it never saw?
+Use a fresh cache for it, as the candidates differ from the base student's.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def reverse_messages(prompt: Prompt, candidate: str) -> list[dict]:
     return chat_messages(prompt) + [{"role": "assistant", "content": candidate}, {"role": "user", "content": AGAIN}]
 
 
-def token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts, batch_size=8):
+def token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts, batch_size=8, adapter=False):
     """Per-token log-probs: forward[context][pid] = K + 1 arrays (the candidates' tokens in that context, then
     the anchor's own tokens in it); reverse[pid] = K arrays (the anchor's tokens after each candidate), with the
     anchor as a reply to the bare prompt last (the reverse direction's baseline). `contexts` names the forward
@@ -71,7 +76,7 @@ def token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts, b
             for ids in [list(c.token_ids) for c in candidates[p.id]] + [tokenizer.answer_tokens(anchors[p.id])]:
                 seqs.append((ctx, ids))
                 owners.append(p.id)
-        out = completion_logprobs(student, seqs, batch_size, adapter=False)
+        out = completion_logprobs(student, seqs, batch_size, adapter=adapter)
         forward[name] = {p.id: [x for x, o in zip(out, owners) if o == p.id] for p in prompts}
     reverse = {}
     if "reverse" in contexts:
@@ -83,7 +88,7 @@ def token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts, b
                 owners.append(p.id)
             seqs.append((tokenizer.chat_tokens(chat_messages(p)), answer))
             owners.append(p.id)
-        out = completion_logprobs(student, seqs, batch_size, adapter=False)
+        out = completion_logprobs(student, seqs, batch_size, adapter=adapter)
         reverse = {p.id: [x for x, o in zip(out, owners) if o == p.id] for p in prompts}
     return forward, reverse
 
@@ -130,7 +135,7 @@ def aggregations(forward, reverse, eos_id: int, candidates) -> dict[str, dict[st
     return out
 
 
-def ensure_candidates(cache: Cache, prompts: list[Prompt], recipe_path: str, tokenizer, model_path):
+def ensure_candidates(cache: Cache, prompts: list[Prompt], recipe_path: str, tokenizer, model_path, adapter_gguf=None):
     """Sample (and store, with the suite's reference answers as anchors) the prompts without round-1 candidates."""
     from pudl.recipe import load_recipe
     from pudl.sampler import Sampler
@@ -142,7 +147,7 @@ def ensure_candidates(cache: Cache, prompts: list[Prompt], recipe_path: str, tok
         cache.put_anchor(p.id, p.answer, "tasks")
     if not todo:
         return
-    sampler = Sampler(model_path, tokenizer, None, n_ctx=recipe.student.n_ctx, threads=recipe.student.threads)
+    sampler = Sampler(model_path, tokenizer, adapter_gguf, n_ctx=recipe.student.n_ctx, threads=recipe.student.threads)
     started = time.time()
     try:
         sampler.sample_all(todo, recipe.sample, recipe.run.seed, 1, lambda p, c: cache.put_candidates(1, c))
@@ -182,7 +187,9 @@ def main(argv=None):
                     "(same cache, prompts and contexts): new aggregations cost nothing")
     ap.add_argument("--contexts", default=",".join([*CONTEXTS, "reverse"]),
                     help="comma-separated forward contexts to score (plain always), and 'reverse'")
+    ap.add_argument("--adapter", metavar="ROUND_DIR", help="sample and score with this trained round's LoRA")
     args = ap.parse_args(argv)
+    adapter = Path(args.adapter) if args.adapter else None
 
     model_path = resolve_model_path("smollm2-135m")
     tokenizer = Tokenizer(model_path)
@@ -190,7 +197,8 @@ def main(argv=None):
     # Read-only unless sampling into it: a finished run's cache is left byte for byte.
     cache = Cache(args.cache) if args.sample else Cache.open_read_only(args.cache)
     if args.sample:
-        ensure_candidates(cache, prompts, args.sample, tokenizer, model_path)
+        ensure_candidates(cache, prompts, args.sample, tokenizer, model_path,
+                          adapter / "adapter.gguf" if adapter else None)
     candidates: dict[str, list[Candidate]] = cache.candidates(1)
     anchors = cache.anchors()
     prompts = [p for p in prompts if p.id in candidates and p.id in anchors]
@@ -204,8 +212,18 @@ def main(argv=None):
     if args.tokens and Path(args.tokens).exists():
         forward, reverse = load_tokens(args.tokens)
     else:
-        student = load_student(model_path, 1, 1.0, ["q_proj"])  # the adapter is switched off while scoring
-        forward, reverse = token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts)
+        if adapter:
+            import tomllib
+
+            from pudl.adapters import load_adapter
+
+            lora = tomllib.loads((adapter.parent / "recipe.toml").read_text())["lora"]  # the run's LoRA settings
+            student = load_student(model_path, lora["rank"], lora["alpha"], lora["targets"])
+            load_adapter(student, adapter / "adapter.safetensors")
+        else:
+            student = load_student(model_path, 1, 1.0, ["q_proj"])  # the adapter is switched off while scoring
+        forward, reverse = token_logprobs(student, tokenizer, prompts, anchors, candidates, contexts,
+                                          adapter=adapter is not None)
         if args.tokens:
             save_tokens(args.tokens, forward, reverse)
     print(f"scored {len(prompts)} prompts in {', '.join(forward)}{' and reverse' if reverse else ''}: "

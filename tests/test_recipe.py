@@ -70,3 +70,21 @@ def test_command_line_overrides_win_and_are_checked(tmp_path):
         load_recipe(path, overrides=["sample.k=0"])
     with pytest.raises(UserError, match="expected section.key=value"):
         load_recipe(path, overrides=["k=3"])
+
+
+def test_resolved_recipe_loads_from_anywhere(tmp_path, monkeypatch):
+    """A run's recipe.toml names its files by absolute path, even when the recipe was given by a relative one."""
+    from pudl.init_recipe import resolved_recipe
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "p.jsonl").write_text('{"prompt": "hi", "answer": "yo"}\n')
+    (tmp_path / "r" / "r.toml").write_text('[data]\nprompts = "p.jsonl"\neval = "p.jsonl"\n[train]\nepochs = 3\n')
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("r/r.toml")  # relative: its paths resolve to r/p.jsonl, relative to here
+    assert not recipe.data.prompts.startswith("/")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.toml").write_text(resolved_recipe(recipe))
+    monkeypatch.chdir(tmp_path / "run")
+    again = load_recipe("recipe.toml")
+    assert again.data.prompts == again.data.eval == str((tmp_path / "r" / "p.jsonl").resolve())
+    assert again.train.epochs == 3 and again.student == recipe.student
