@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tests import recipe_files
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")  # mlx's console script, next to this interpreter
@@ -165,31 +166,11 @@ def test_two_ranks_train_what_one_rank_trains_with_the_doubled_batch(tiny_gguf_f
 
 
 def write_recipe(tmp_path: Path, name: str, model: Path, batch_size: int, seed: int) -> Path:
-    lines = (ROOT / "recipes/data/tasks-train.jsonl").read_text().splitlines()
-    (tmp_path / "p.jsonl").write_text("\n".join(lines[:4]) + "\n")
-    recipe = tmp_path / f"{name}.toml"
-    recipe.write_text(f"""
-[run]
-out = "{tmp_path / name}"
-seed = {seed}
-[student]
-model = "{model}"
-n_ctx = 256
-threads = 1
-[data]
-prompts = "p.jsonl"
-[sample]
-k = 3
-max_tokens = 10
-[train]
-epochs = 2
-batch_size = {batch_size}
-learning_rate = 5e-3
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-""")
-    return recipe
+    return recipe_files.write_recipe(tmp_path, {
+        "run": {"out": tmp_path / name, "seed": seed}, "student": {"model": model, "n_ctx": 256, "threads": 1},
+        "sample": {"k": 3, "max_tokens": 10},
+        "train": {"epochs": 2, "batch_size": batch_size, "learning_rate": 5e-3},
+        "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}, prompts=4, name=name)
 
 
 def step_losses(run: Path) -> list[float]:

@@ -8,36 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests import recipe_files
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_recipe(tmp_path: Path, rounds: int = 1) -> Path:
-    lines = (ROOT / "recipes/data/tasks-train.jsonl").read_text().splitlines()
-    (tmp_path / "p.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    (tmp_path / "e.jsonl").write_text("\n".join(lines[2:4]) + "\n")
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(f"""
-[run]
-out = "{tmp_path / 'run'}"
-rounds = {rounds}
-[data]
-prompts = "p.jsonl"
-eval = "e.jsonl"
-[sample]
-k = 2
-max_tokens = 12
-[train]
-epochs = 1
-batch_size = 2
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-[eval]
-max_tokens = 8
-""")
-    return recipe
+    return recipe_files.write_recipe(tmp_path, {
+        "run": {"out": tmp_path / "run", "rounds": rounds}, "sample": {"k": 2, "max_tokens": 12},
+        "train": {"epochs": 1, "batch_size": 2}, "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
+        "eval": {"max_tokens": 8}}, prompts=2, eval_prompts=2)
 
 
 def pudl(*args, env=None):

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from tests.openai_server import OpenAIServer
+from tests import recipe_files
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV, KEY = "PUDL_RELIABILITY_KEY", "sk-rel-5b7e2d-must-never-be-written"
@@ -65,30 +66,12 @@ def openai_teacher(base_url: str, concurrency: int = 1) -> str:
 
 
 def write_recipe(d: Path, teacher: str, prompts: list[str] = TASKS) -> Path:
-    """The smallest real run: SmolLM2, 3 prompts x K=2 candidates of <= 8 tokens, ~6 one-pair steps."""
-    (d / "p.jsonl").write_text("\n".join(prompts) + "\n")
-    recipe = d / "r.toml"
-    recipe.write_text(f"""
-[run]
-out = "{d / 'run'}"
-[student]
-threads = 1  # llama.cpp with 2 threads crawls on a busy 2-core machine
-[teacher]
-{teacher}
-[data]
-prompts = "p.jsonl"
-[sample]
-k = 2
-max_tokens = 8
-[train]
-epochs = 1
-batch_size = 1
-checkpoint_every = 2
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-""")
-    return recipe
+    """The smallest real run: SmolLM2, 3 prompts x K=2 candidates of <= 8 tokens, ~6 one-pair steps.
+    `teacher`: the lines of the [teacher] section. llama.cpp gets 1 thread (2 crawl on a busy 2-core machine)."""
+    return recipe_files.write_recipe(d, {
+        "run": {"out": d / "run"}, "student": {"threads": 1}, "sample": {"k": 2, "max_tokens": 8},
+        "train": {"epochs": 1, "batch_size": 1, "checkpoint_every": 2},
+        "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}, prompts=prompts, extra_toml=f"[teacher]\n{teacher}")
 
 
 def db_rows(run: Path, sql: str) -> list:

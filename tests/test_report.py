@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from pudl.errors import UserError
+from tests import recipe_files
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROKEN_PNG = "data:image/png;base64,iVBORw0KGgoAAAAN"  # a PNG cut short: the control image that must not load
 
@@ -67,34 +67,10 @@ def chromium_image_sizes(page: Path, tmp_path: Path) -> list[list]:
 
 
 def write_recipe(tmp_path: Path, model: Path) -> Path:
-    lines = (ROOT / "recipes/data/tasks-train.jsonl").read_text().splitlines()
-    (tmp_path / "p.jsonl").write_text("\n".join(lines[:3]) + "\n")
-    (tmp_path / "e.jsonl").write_text("\n".join(lines[3:5]) + "\n")
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(f"""
-[run]
-out = "{tmp_path / 'run'}"
-rounds = 2
-[student]
-model = "{model}"
-n_ctx = 256
-threads = 1
-[data]
-prompts = "p.jsonl"
-eval = "e.jsonl"
-[sample]
-k = 3
-max_tokens = 8
-[train]
-epochs = 1
-batch_size = 2
-[lora]
-rank = 2
-targets = ["q_proj", "v_proj"]
-[eval]
-max_tokens = 6
-""")
-    return recipe
+    return recipe_files.write_recipe(tmp_path, {
+        "run": {"out": tmp_path / "run", "rounds": 2}, "student": {"model": model, "n_ctx": 256, "threads": 1},
+        "sample": {"k": 3, "max_tokens": 8}, "train": {"epochs": 1, "batch_size": 2},
+        "lora": {"rank": 2, "targets": ["q_proj", "v_proj"]}, "eval": {"max_tokens": 6}}, prompts=3, eval_prompts=2)
 
 
 def answers_from_candidates(run: Path, prompts: Path) -> int:

@@ -16,8 +16,8 @@ from pudl.losses import LOSSES, TrainBatch
 from pudl.prompts import Prompt
 from pudl.scoring import average_ranks, chrf, judge_scores, order_consistency, roc_auc, score_groups, spearman
 from pudl.sequences import pack
+from tests import recipe_files
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def chrf_reference(hyp: str, ref: str, max_n: int = 6, beta: float = 2.0) -> float:
@@ -176,34 +176,12 @@ def pudl(*args):
 
 
 def tiny_recipe(tmp_path: Path, model: Path, train: str) -> Path:
-    lines = (ROOT / "recipes/data/tasks-train.jsonl").read_text().splitlines()
-    (tmp_path / "p.jsonl").write_text("\n".join(lines[:3]) + "\n")
-    (tmp_path / "e.jsonl").write_text("\n".join(lines[3:5]) + "\n")
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(f"""
-[run]
-out = "{tmp_path / 'run'}"
-[student]
-model = "{model}"
-n_ctx = 256
-threads = 1
-[data]
-prompts = "p.jsonl"
-eval = "e.jsonl"
-[sample]
-k = 2
-max_tokens = 6
-[train]
-{train}
-epochs = 1
-batch_size = 2
-[lora]
-rank = 4
-targets = ["q_proj", "v_proj"]
-[eval]
-max_tokens = 4
-""")
-    return recipe
+    """A tiny-model run recipe (3 prompts, 2 held out, K = 2); `train`: extra lines of its [train] section."""
+    return recipe_files.write_recipe(tmp_path, {
+        "run": {"out": tmp_path / "run"}, "student": {"model": model, "n_ctx": 256, "threads": 1},
+        "sample": {"k": 2, "max_tokens": 6}, "train": {"epochs": 1, "batch_size": 2},
+        "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}, "eval": {"max_tokens": 4}},
+        prompts=3, eval_prompts=2, extra_toml=f"[train]\n{train}")
 
 
 def count(db: Path, sql: str) -> int:
