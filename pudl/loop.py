@@ -29,7 +29,7 @@ from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references, sft_batches
 from pudl.prompts import Prompt, chat_messages, load_prompts
-from pudl.recipe import Recipe
+from pudl.recipe import LISTWISE, Recipe
 from pudl.report import Reporter, write_json
 from pudl.sampler import Sampler
 from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
@@ -249,7 +249,8 @@ class Run:
         r, t = self.recipe.rank, self.recipe.train
         candidates = self.cache.candidates(round_)
         scores = self.cache.scores(round_, r.scorer)
-        groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer), t.include_anchor)
+        groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer), t.include_anchor,
+                             r.anchor, r.min_gap)
         comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
         if self.stage(round_, "prefs", fp):
             return self.cache.pairs(round_), groups, comp
@@ -440,7 +441,9 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             fp_sample = fingerprint(prev_fp, recipe.section_dict("sample"),
                                     *([recipe.sample.backend] if recipe.sample.backend != "llamacpp" else []))
             fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
-            fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo, [p.id for p in prompts])
+            anchor_top = recipe.rank.anchor == "top" and recipe.train.include_anchor and recipe.train.algo in LISTWISE
+            fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo, [p.id for p in prompts],
+                                   *(["anchor on top"] if anchor_top else []))
             fp_train = fingerprint(fp_prefs, recipe.section_dict("train", "lora"))
             state.sample(round_, prompts, adapter, fp_sample)
             state.score(round_, prompts, anchors, fp_score)

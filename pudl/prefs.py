@@ -67,9 +67,17 @@ def behaviour(comp: Completions, refs: dict, prompt_id: str, idx: int) -> np.nda
     return comp.candidates[prompt_id][idx].logprobs
 
 
+def anchor_on_top(candidate_scores, min_gap: float = 1e-6) -> float:
+    """The labelled positive's place in a ranked group: above every unlabeled candidate, as far above the best as
+    the best is above the worst (at least `min_gap`), so its margin follows the scale of the group's scores."""
+    best, worst = max(candidate_scores), min(candidate_scores)
+    return float(best + max(best - worst, min_gap))
+
+
 def make_groups(prompts: list[Prompt], scores: dict[str, list[float]], anchor_scores: dict[str, float],
-                include_anchor: bool) -> list[Group]:
-    """Listwise groups: every candidate of a prompt (+ the anchor with its own score); groups of < 2 skipped."""
+                include_anchor: bool, anchor: str = "scored", min_gap: float = 1e-6) -> list[Group]:
+    """Listwise groups: every candidate of a prompt (+ the anchor: by its own score, or on top when `anchor` is
+    "top"); groups of < 2 skipped."""
     groups = []
     for p in prompts:
         if p.id not in scores:
@@ -77,7 +85,7 @@ def make_groups(prompts: list[Prompt], scores: dict[str, list[float]], anchor_sc
         members, values = list(range(len(scores[p.id]))), list(scores[p.id])
         if include_anchor and p.id in anchor_scores:
             members.append(ANCHOR_IDX)
-            values.append(anchor_scores[p.id])
+            values.append(anchor_on_top(values, min_gap) if anchor == "top" and values else anchor_scores[p.id])
         if len(members) >= 2:
             groups.append(Group(p.id, tuple(members), tuple(values)))
     return groups

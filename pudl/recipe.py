@@ -19,6 +19,7 @@ TEACHER_BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
 SCORERS = ("anchor-likelihood", "anchor-gain", "judge", "chrf")
 PAIR_MODES = ("best-vs-worst", "anchor-vs-worst", "both")
 ALGOS = ("dpo", "grpo", "ldl", "listmle", "sft")
+LISTWISE = ("grpo", "ldl", "listmle")  # the objectives trained on ranked groups
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 NORMS = ("token", "sequence")
 SAMPLE_BACKENDS = ("llamacpp", "mlx")
@@ -98,6 +99,11 @@ class RankConfig:
                           choices=SCORERS, allow_empty=True)
     pairs: str = _f("both", "which DPO pairs a ranked group yields", choices=PAIR_MODES)
     min_gap: float = _f(1e-6, "best-vs-worst pairs need at least this score gap (ties are skipped)", min=0.0)
+    # In the prefs fingerprint only where it matters (a listwise algo with the anchor in its groups, and not
+    # "scored", the behaviour before the key existed), so other runs' caches stay valid.
+    anchor: str = _f("scored", "grpo/ldl/listmle: where the anchor (the labelled positive) sits in its group: "
+                     "'scored' by its own score, or 'top', above every candidate (as far above the best as the "
+                     "best is above the worst)", choices=("scored", "top"), fingerprint=False)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tests import recipe_files
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")  # mlx's console script, next to this interpreter
@@ -166,6 +165,8 @@ def test_two_ranks_train_what_one_rank_trains_with_the_doubled_batch(tiny_gguf_f
 
 
 def write_recipe(tmp_path: Path, name: str, model: Path, batch_size: int, seed: int) -> Path:
+    from tests import recipe_files  # here, not at the top: this file also runs as a script under mlx.launch
+
     return recipe_files.write_recipe(tmp_path, {
         "run": {"out": tmp_path / name, "seed": seed}, "student": {"model": model, "n_ctx": 256, "threads": 1},
         "sample": {"k": 3, "max_tokens": 10},

@@ -63,3 +63,25 @@ def test_ranker_agreement_counts_correct_candidates():
     assert out["good"]["auc"] == 1.0 and out["good"]["best_vs_worst_correct"] == 1.0
     assert out["bad"]["auc"] == 0.0 and out["bad"]["best_vs_worst_correct"] == 0.0
     assert out["good"]["candidates"] == 3 and abs(out["good"]["correct_fraction"] - 2 / 3) < 1e-12
+
+
+def test_anchor_on_top_of_its_group():
+    from pudl.prefs import anchor_on_top, make_groups
+    from pudl.prompts import Prompt
+
+    rng = np.random.default_rng()
+    prompts = [Prompt(f"p{i}", "q") for i in range(4)]
+    scores = {p.id: list(rng.normal(size=3)) for p in prompts}
+    scores["p3"] = [0.5, 0.5, 0.5]  # all equal: the anchor still sits above, by min_gap
+    own = {p.id: -100.0 for p in prompts}  # an anchor the scorer ranks last
+    scored = make_groups(prompts, scores, own, include_anchor=True)
+    top = make_groups(prompts, scores, own, include_anchor=True, anchor="top", min_gap=1e-3)
+    for g_scored, g_top in zip(scored, top):
+        assert g_scored.members == g_top.members and g_top.members[-1] == ANCHOR_IDX
+        assert g_scored.scores[-1] == -100.0 and g_scored.scores[:-1] == g_top.scores[:-1]
+        cands = np.array(g_top.scores[:-1])
+        spread = max(cands.max() - cands.min(), 1e-3)
+        assert np.isclose(g_top.scores[-1], cands.max() + spread) and g_top.scores[-1] > cands.max()
+        assert list(rank(np.array(g_top.scores)))[-1] == 0  # ranked first (rank 0 = best)
+    assert anchor_on_top([0.5, 0.5]) == 0.5 + 1e-6
+    assert make_groups(prompts, scores, own, include_anchor=False, anchor="top")[0].members == (0, 1, 2)
