@@ -99,11 +99,11 @@ class RankConfig:
                           choices=SCORERS, allow_empty=True)
     pairs: str = _f("both", "which DPO pairs a ranked group yields", choices=PAIR_MODES)
     min_gap: float = _f(1e-6, "best-vs-worst pairs need at least this score gap (ties are skipped)", min=0.0)
-    # In the prefs fingerprint only where it matters (a listwise algo with the anchor in its groups, and not
-    # "scored", the behaviour before the key existed), so other runs' caches stay valid.
-    anchor: str = _f("scored", "grpo/ldl/listmle: where the anchor (the labelled positive) sits in its group: "
-                     "'scored' by its own score, or 'top', above every candidate (as far above the best as the "
-                     "best is above the worst)", choices=("scored", "top"), fingerprint=False)
+    # In the prefs fingerprint only where it matters (a listwise algo with the anchor in its groups, and "top":
+    # "scored" was the behaviour before the key existed), so DPO runs' caches stay valid.
+    anchor: str = _f("top", "grpo/ldl/listmle: where the anchor (the labelled positive) sits in its group: 'top', "
+                     "above every candidate (as far above the best as the best is above the worst), or 'scored', "
+                     "by the score the scorer gives it", choices=("top", "scored"), fingerprint=False)
 
 
 @dataclass(frozen=True)
