@@ -210,3 +210,18 @@ def test_sft_warmup_then_dpo_is_one_recipe_and_reruns_from_the_cache(tmp_path, t
     assert changed.returncode == 0, changed.stderr[-3000:]
     stages = json.loads((run / "summary.json").read_text())["stages"]
     assert stages["0"]["train"] == "recomputed" and stages["1"]["sample"] == "recomputed"
+
+
+@pytest.mark.parametrize("algo", ["ldl", "dpo"])
+def test_rank_anchor_invalidates_listwise_preferences_only(tmp_path, tiny_gguf, algo):
+    """Listwise groups change with rank.anchor, so their prefs and training are recomputed; DPO pairs do not
+    depend on it, so a DPO run reuses every stage."""
+    recipe = tiny_recipe(tmp_path, tiny_gguf, f'algo = "{algo}"')
+    first = pudl("run", str(recipe), "--quiet")  # rank.anchor = "top" (the default)
+    assert first.returncode == 0, first.stderr[-3000:]
+    changed = pudl("run", str(recipe), "--quiet", "--set", "rank.anchor=scored")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    stages = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["1"]
+    assert stages["sample"] == stages["score"] == "reused"
+    want = "recomputed" if algo == "ldl" else "reused"
+    assert stages["prefs"] == stages["train"] == want, stages
