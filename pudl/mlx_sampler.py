@@ -87,12 +87,12 @@ class MLXSampler:
     def _batch(self, jobs, k, temperature, max_tokens, top_k, top_p, min_p, on_prompt):
         """One batch of prompts: a left-padded prefill (mlx-lm's BatchKVCache), each prompt's row copied to K
         rows, then one token per step for every live row; finished rows leave the batch."""
-        from mlx_lm.models.cache import BatchKVCache
+        from pudl.mlx_lm_models import cache as kv_cache
 
         contexts = [_chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
         width = max(map(len, contexts))
         pads = [width - len(c) for c in contexts]
-        cache = [BatchKVCache(pads) for _ in self.student.model.model.layers]
+        cache = [kv_cache.BatchKVCache(pads) for _ in self.student.model.model.layers]
         logits = self._logits(mx.array([[0] * pad + c for pad, c in zip(pads, contexts)], mx.int32), cache)
         live = [(j, idx) for j in range(len(jobs)) for idx in range(k)]  # one row per (prompt, candidate)
         rows = [j for j, _ in live]

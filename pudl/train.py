@@ -93,8 +93,8 @@ def train(student, batches: Sequence[TrainBatch], loss_fn, cfg, *, checkpoint_di
     start = world.sync_training_state(student, optimizer, start)
 
     def objective(_model, batch):
-        return loss_fn(batch_token_logprobs(student, batch.seqs, grad_ready=True,
-                                            recompute=getattr(cfg, "recompute", False)), batch, cfg)
+        return loss_fn(batch_token_logprobs(student, batch.seqs, grad_ready=True, recompute=cfg.recompute),
+                       batch, cfg)
 
     value_and_grad = nn.value_and_grad(model, objective)
 
