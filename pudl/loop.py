@@ -115,7 +115,8 @@ class Run:
             from pudl.mlx_sampler import MLXSampler
 
             return MLXSampler(self.student, self.tokenizer, adapter, n_ctx=s.n_ctx)
-        return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
+        return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads,
+                       sequences=self.recipe.sample.sequences)
 
     # teacher -------------------------------------------------------------------------------------
     def collect_anchors(self) -> dict[str, str]:

@@ -89,6 +89,9 @@ class SampleConfig:
     top_p: float = _f(0.95, "nucleus sampling mass; llama.cpp's default", min=0.01, max=1.0)
     min_p: float = _f(0.05, "drop tokens below min_p x the top token's probability; llama.cpp's default", min=0.0, max=1.0)
     max_tokens: int = _f(48, "longest candidate", min=1, max=8192)
+    # Batching only: the same seeded candidates whatever its value, so not in the fingerprint.
+    sequences: int = _f(64, "live sequences per llama.cpp decode step (K per prompt in flight): fewer need less "
+                        "KV-cache memory, more keep the cores busier", min=1, max=1024, fingerprint=False)
 
 
 @dataclass(frozen=True)

@@ -212,9 +212,22 @@ class _Seq:
     logps: list = field(default_factory=list)
 
 
+FLOAT_COPY_SHARE = 0.125  # the largest share of RAM a float32 copy of the student may take for sampling
+
+
+def float_copy_fits(n_params: int, ram_bytes: int | None = None) -> bool:
+    """Whether a float32 copy of `n_params` weights fits in FLOAT_COPY_SHARE of the RAM (total physical
+    memory by default): the MLX student already holds one float32 copy on the CPU, and a 3B model's second
+    one (12 GB) would not fit a 16 GB laptop, so larger students are sampled from their quantized weights."""
+    if ram_bytes is None:
+        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 4 * n_params <= FLOAT_COPY_SHARE * ram_bytes
+
+
 def _load_model(path: Path, float_weights: bool | None, threads: int):
     """The llama.cpp model of a GGUF; quantized weights are first dequantized to float32 when `float_weights`
-    (None: when llama.cpp computes on the CPU, where its batched float kernels beat its quantized ones)."""
+    (None: when llama.cpp computes on the CPU, where its batched float kernels beat its quantized ones, and
+    the float32 copy is small: `float_copy_fits`)."""
     import llama_cpp
 
     def load(p: str):
@@ -227,7 +240,8 @@ def _load_model(path: Path, float_weights: bool | None, threads: int):
     if not model:
         raise UserError(f"student.model: llama.cpp cannot load {path}")
     if float_weights is None:
-        float_weights = not llama_cpp.llama_supports_gpu_offload()
+        float_weights = not llama_cpp.llama_supports_gpu_offload() and \
+            float_copy_fits(llama_cpp.llama_model_n_params(model))
     if not float_weights or llama_cpp.llama_model_size(model) >= 2 * llama_cpp.llama_model_n_params(model):
         return model  # already float (or asked to keep the quantized blocks)
     llama_cpp.llama_model_free(model)

@@ -7,7 +7,8 @@ import pytest
 from pudl.adapters import write_gguf_lora
 from pudl.models import Tokenizer, load_student
 from pudl.prompts import Prompt, chat_messages
-from pudl.sampler import Sampler, SequentialSampler, _token_logprobs, log_softmax, prompt_seed
+from pudl.sampler import (FLOAT_COPY_SHARE, Sampler, SequentialSampler, _token_logprobs, float_copy_fits, log_softmax,
+                          prompt_seed)
 from pudl.sequences import batch_token_logprobs, pack
 
 PROMPTS = [
@@ -187,6 +188,15 @@ def float32_copy(src, dst):
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def test_float32_copy_only_when_it_is_a_small_share_of_ram():
+    ram = 16 * 2**30
+    limit = int(FLOAT_COPY_SHARE * ram) // 4  # the most parameters whose float32 copy fits
+    assert float_copy_fits(limit, ram) and not float_copy_fits(limit + 1, ram)
+    assert float_copy_fits(135_000_000, ram)  # SmolLM2-135M: 0.5 GB
+    assert not float_copy_fits(3_090_000_000, ram)  # a 3B student: 12 GB, kept quantized
+    assert float_copy_fits(1, None)  # reads this machine's RAM
 
 
 def test_quantized_gguf_is_sampled_in_float32_from_its_exact_weights(tiny_gguf, tmp_path):
