@@ -199,6 +199,24 @@ def test_float32_copy_only_when_it_is_a_small_share_of_ram():
     assert float_copy_fits(1, None)  # reads this machine's RAM
 
 
+def test_recipe_sets_the_live_sequences_of_the_run_sampler(tiny_gguf, tmp_path):
+    from pudl.loop import Run
+    from pudl.recipe import load_recipe
+    from pudl.report import Reporter
+    from tests import recipe_files
+
+    path = recipe_files.write_recipe(tmp_path, {"run": {"out": tmp_path / "run"}, "student": {"model": tiny_gguf,
+                                                "threads": 1}, "sample": {"k": 3, "sequences": 7}})
+    (tmp_path / "run").mkdir()
+    run = Run(load_recipe(path), Reporter(None, quiet=True))
+    sampler = run.sampler(None)
+    try:
+        assert sampler.sequences == 7
+    finally:
+        sampler.close()
+        run.cache.close()
+
+
 def test_quantized_gguf_is_sampled_in_float32_from_its_exact_weights(tiny_gguf, tmp_path):
     tok = Tokenizer(tiny_gguf)
     s = Sampler(tiny_gguf, tok, n_ctx=256, threads=1)  # on the CPU: dequantized to float32 by llama.cpp
