@@ -149,6 +149,7 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say, execute: b
     run_dir = Path(recipe.run.out)
     record = run_dir / "study-arm.json"
     key = _recipe_key(recipe)
+    kept = {}
     if record.exists() and (run_dir / "summary.json").exists():
         kept = json.loads(record.read_text())
         if kept.get("recipe_key") == key:
@@ -173,6 +174,11 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say, execute: b
            "wall_seconds": round(wall, 1), "phase_seconds": summary.get("phase_seconds"),
            "reused_stages": summary.get("stages"),
            "ranker": (summary.get("per_round") or [{}])[-1].get("ranker"), "before": before}
+    stages = [status for by_stage in (summary.get("stages") or {}).values() for status in by_stage.values()]
+    if kept.get("row") and stages and all(status == "reused" for status in stages):
+        # Nothing was computed (e.g. a recipe key that does not touch any stage): the arm's cost is still the
+        # run that computed its stages, not this check.
+        row["wall_seconds"], row["phase_seconds"] = kept["row"]["wall_seconds"], kept["row"]["phase_seconds"]
     record.write_text(json.dumps({"recipe_key": key, "row": row}, indent=1, default=float))
     return row
 

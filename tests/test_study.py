@@ -85,6 +85,16 @@ def test_tiny_study_writes_table_json_and_chart_from_real_runs(tmp_path, tiny_gg
     again = pudl("study", str(study), "--quiet", "--arm", "sft")
     assert again.returncode == 0 and again.stderr.count("done before") == 3, again.stderr[-2000:]
     assert (d / "pu-dpo/seed-3/summary.json").stat().st_mtime_ns == mtime
+    # A changed recipe key that changes no stage (a new key outside the fingerprints): the run reuses every
+    # stage, and the arm keeps the wall time of the run that computed them.
+    record = d / "pu-dpo/seed-3/study-arm.json"
+    kept = json.loads(record.read_text())
+    record.write_text(json.dumps({**kept, "recipe_key": "from an older pudl"}))
+    again = pudl("study", str(study), "--quiet", "--arm", "pu-dpo")
+    assert again.returncode == 0 and "pu-dpo seed 3: running" in again.stderr, again.stderr[-2000:]
+    row = json.loads(record.read_text())
+    assert set(row["row"]["reused_stages"]["1"].values()) == {"reused"} and row["recipe_key"] != "from an older pudl"
+    assert row["row"]["wall_seconds"] == kept["row"]["wall_seconds"] > 0
 
 
 def test_study_mistakes_are_one_line(tmp_path, tiny_gguf):
