@@ -43,6 +43,17 @@ def test_bench_sampling_tiny_compares_the_three_samplers(tmp_path):
     assert result["decode_flops_per_token"] == 2 * result["n_params"] > 10**8
 
 
+def test_sampling_steps_fits_step_times_and_compares_weight_types():
+    from pudl.bench import sampling_steps
+
+    result = sampling_steps.run(prompts=2, k=2, max_tokens=4, repeats=1, types=["f32", "q4_1"], threads=1,
+                                measure=False)
+    assert set(result["tok_s"]) == {"f32", "q4_1"} and min(result["tok_s"].values()) > 0
+    assert result["greedy_vs_f32"]["f32"] == {"identical": 2, "of": 2, "max_logprob_gap": 0.0}
+    fit = result["f32_step_fit"]
+    assert fit["steps"] >= 2 and fit["per_token_ms"] > 0  # the prefill steps hold the most tokens
+
+
 def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
     result = _bench_tiny("e2e", tmp_path)
     first, second = result["scaling"]

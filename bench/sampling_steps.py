@@ -1,0 +1,131 @@
+"""Where the batched sampler's time goes: seconds per llama.cpp decode step against the tokens in it, and the
+same job with the GGUF's weights in other llama.cpp types (a diagnostic beside `pudl bench sampling`).
+
+For each weight type (f32 = pudl's default on the CPU: the Q4_1 blocks dequantized exactly; f16, bf16, q8_0
+requantized from them; q4_1 as shipped) it samples the sampling bench's job (the first P prompts of the task
+suite, K candidates, max_tokens) `repeats` times in one process and reports the best tokens/s, then fits
+step seconds = fixed + per_token x tokens over every step of the f32 runs (least squares; the first step, the
+prompts' prefill, included), and compares greedy replies with f32's (identical replies, largest log-prob gap
+on the shared prefix).
+Run: `python -m pudl.bench.sampling_steps [--prompts 8 --k 4 --max-tokens 32 --repeats 3 --types f32,f16,...]`;
+the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pudl.bench import common
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1")
+
+
+def _requantized(path: Path, kind: str, directory: Path) -> Path:
+    import llama_cpp
+
+    ftype = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
+             "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    out = directory / f"{kind}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.pure = ftype, True, True
+    if llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params)):
+        raise RuntimeError(f"llama.cpp could not write {kind} weights")
+    return out
+
+
+def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, types=TYPES, threads: int = 0,
+        measure: bool = True) -> dict:
+    """Sample the job with each weight type; `measure`: time the machine's sgemm too (off for smoke tests)."""
+    from pudl.models import Tokenizer, resolve_model_path
+    from pudl.prompts import load_prompts
+    from pudl.recipe import SampleConfig
+    from pudl.sampler import Sampler
+
+    from pudl.bench.sampling import TASKS
+
+    path = resolve_model_path("smollm2-135m")
+    tok = Tokenizer(path)
+    jobs = load_prompts(TASKS)[:prompts]
+    cfg, greedy = SampleConfig(k=k, max_tokens=max_tokens), SampleConfig(k=1, max_tokens=max_tokens, temperature=0.0)
+    threads = threads or os.cpu_count()
+    result = {"prompts": prompts, "k": k, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
+              "machine": common.machine(measure), "tok_s": {}, "greedy_vs_f32": {}}
+    steps = []  # (tokens in the batch, seconds) of every f32 decode
+    replies = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in types:
+            if kind in ("f32", "q4_1"):
+                sampler = Sampler(path, tok, threads=threads, float_weights=kind == "f32")
+            else:
+                sampler = Sampler(_requantized(path, kind, Path(tmp)), tok, threads=threads, float_weights=False)
+            if kind == "f32":
+                decode = sampler._decode
+
+                def timed(n_out, decode=decode, sampler=sampler):
+                    t = time.perf_counter()
+                    out = decode(n_out)
+                    steps.append((sampler.batch.n, time.perf_counter() - t))
+                    return out
+                sampler._decode = timed
+            rates = []
+            for r in range(repeats):
+                counts = []
+                t0 = time.perf_counter()
+                sampler.sample_all(jobs, cfg, r, 0, lambda p, c: counts.extend(len(x.token_ids) for x in c))
+                rates.append(sum(counts) / (time.perf_counter() - t0))
+            result["tok_s"][kind] = max(rates)
+            got = {}
+            sampler.sample_all(jobs, greedy, 0, 0, lambda p, c: got.__setitem__(p.id, c[0]))
+            replies[kind] = got
+            sampler.close()
+    if "f32" in replies:
+        for kind, got in replies.items():
+            same, gap = 0, 0.0
+            for pid, ref in replies["f32"].items():
+                a, b = ref.token_ids.tolist(), got[pid].token_ids.tolist()
+                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                same += a == b
+                if n:
+                    gap = max(gap, float(np.abs(ref.logprobs[:n] - got[pid].logprobs[:n]).max()))
+            result["greedy_vs_f32"][kind] = {"identical": same, "of": len(replies["f32"]), "max_logprob_gap": gap}
+        n, sec = np.array(steps, float).T
+        fixed, per_token = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), sec, rcond=None)[0]
+        result["f32_step_fit"] = {"fixed_ms": 1e3 * fixed, "per_token_ms": 1e3 * per_token, "steps": len(steps),
+                                  "mean_tokens_per_step": float(n.mean()),
+                                  "fixed_share_of_decode": float(fixed * len(n) / sec.sum())}
+    result["machine"]["load_after"] = common.load_average()
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    result = run(a.prompts, a.k, a.max_tokens, a.repeats, a.types.split(","), a.threads)
+    for kind, rate in result["tok_s"].items():
+        g = result["greedy_vs_f32"].get(kind, {})
+        print(f"{kind:>5} {rate:7.1f} tok/s  greedy = f32 in {g.get('identical')}/{g.get('of')} prompts, "
+              f"max log-prob gap {g.get('max_logprob_gap', 0):.4f}")
+    if "f32_step_fit" in result:
+        f = result["f32_step_fit"]
+        print(f"f32 step = {f['fixed_ms']:.1f} ms + {f['per_token_ms']:.2f} ms x tokens "
+              f"({f['steps']} steps, {f['mean_tokens_per_step']:.1f} tokens each on average; the fixed part is "
+              f"{f['fixed_share_of_decode']:.0%} of decode time)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
