@@ -275,9 +275,10 @@ class Sampler:
     `n_ctx` bounds one sequence (prompt + reply), as for `SequentialSampler`. Each `generate` sizes the KV
     cache for about `sequences` live sequences (ceil(sequences / K) prompts' worst case: longest prompt +
     K x max_tokens cells); a waiting prompt joins the batch as soon as its worst case fits. On the CPU, a
-    quantized GGUF is dequantized to float32 first (`float_weights`): the same weights, ~1.5x the batched
-    speed of llama.cpp's quantized kernels here, and log-probs equal to the MLX student's float32 ones
-    instead of ~0.5 off (llama.cpp quantizes activations to 8 bits for its quantized kernels).
+    quantized GGUF is dequantized to float32 first (`float_weights`; only when `float_copy_fits`): the same
+    weights, ~1.8x the batched speed of llama.cpp's Q4_1 kernels here (bench/sampling_steps.py), and log-probs
+    equal to the MLX student's float32 ones instead of ~0.5 off (llama.cpp quantizes activations to 8 bits for
+    its quantized kernels).
     """
 
     def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,
