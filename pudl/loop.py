@@ -31,7 +31,7 @@ from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_grou
 from pudl.prompts import Prompt, chat_messages, load_prompts
 from pudl.recipe import LISTWISE, Recipe
 from pudl.report import Reporter, write_json
-from pudl.sampler import Sampler
+from pudl.sampler import Sampler, SequentialSampler
 from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
 from pudl.sequences import completion_logprobs
 from pudl.teachers import Teacher, make_teacher
@@ -115,6 +115,8 @@ class Run:
             from pudl.mlx_sampler import MLXSampler
 
             return MLXSampler(self.student, self.tokenizer, adapter, n_ctx=s.n_ctx)
+        if self.recipe.sample.backend == "llamacpp-sequential":  # the simple fallback (pudl.sampler)
+            return SequentialSampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
         return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads,
                        sequences=self.recipe.sample.sequences)
 

@@ -22,7 +22,7 @@ ALGOS = ("dpo", "grpo", "ldl", "listmle", "sft")
 LISTWISE = ("grpo", "ldl", "listmle")  # the objectives trained on ranked groups
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 NORMS = ("token", "sequence")
-SAMPLE_BACKENDS = ("llamacpp", "mlx")
+SAMPLE_BACKENDS = ("llamacpp", "llamacpp-sequential", "mlx")
 QUANTS = ("q8_0", "q4_0", "f16", "f32")  # pudl.convert.QUANTS (not imported: recipes load without numpy)
 
 
@@ -81,8 +81,9 @@ class DataConfig:
 class SampleConfig:
     # Not in the section's fingerprint, so runs made before this key existed keep theirs; the sample stage's
     # fingerprint adds it when it is not the default (pudl.loop).
-    backend: str = _f("llamacpp", "who samples: llama.cpp on the GGUF, or mlx-lm on the MLX student (same weights, "
-                      "current LoRA)", choices=SAMPLE_BACKENDS, fingerprint=False)
+    backend: str = _f("llamacpp", "who samples: llama.cpp on the GGUF (batched; llamacpp-sequential: one candidate "
+                      "at a time, KV cache for one sequence, the GGUF's own weight types), or mlx-lm on the MLX "
+                      "student (same weights, current LoRA)", choices=SAMPLE_BACKENDS, fingerprint=False)
     k: int = _f(4, "candidates sampled per prompt", min=1, max=256)
     temperature: float = _f(0.9, "sampling temperature", min=0.0, max=5.0)
     top_k: int = _f(40, "sample among the k most likely tokens (0: all); llama.cpp's default", min=0)

@@ -326,7 +326,8 @@ class Sampler:
         with quiet_stderr():
             self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise UserError(f"llama.cpp could not create a context of {kv_cells} KV cells x {n_seq} sequences")
+            raise UserError(f"llama.cpp could not create a context of {kv_cells} KV cells x {n_seq} sequences "
+                            "(lower sample.sequences, or sample.backend = \"llamacpp-sequential\": one sequence)")
         if self.adapter:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
             if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
@@ -371,7 +372,8 @@ class Sampler:
         contexts = [_chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
         n_seq = min(max(self.sequences, k + 1), llama_cpp.llama_max_parallel_sequences())
         if k > n_seq:
-            raise UserError(f"sample.k={k} exceeds llama.cpp's {n_seq} parallel sequences")
+            raise UserError(f"sample.k={k} exceeds llama.cpp's {n_seq} parallel sequences "
+                            "(sample.backend = \"llamacpp-sequential\" samples any K, one at a time)")
         # The chat template's shared head (system prompt...) is decoded once, into a sequence of its own.
         prefix = os.path.commonprefix(contexts)[: min(map(len, contexts)) - 1] if len(jobs) > 1 and k < n_seq else []
         groups = deque()
@@ -462,10 +464,14 @@ def _token_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 
 class SequentialSampler:
-    """One candidate at a time on llama-cpp-python's `Llama` (+ optional GGUF LoRA): the simple fallback.
+    """One candidate at a time on llama-cpp-python's `Llama` (+ optional GGUF LoRA): the simple fallback
+    (`sample.backend = "llamacpp-sequential"`).
 
-    Same interface and the same per-candidate RNG streams as `Sampler`; use it when a KV cache for several
-    sequences does not fit memory, or to check the batched sampler against a straightforward one.
+    Same interface and the same per-candidate RNG streams as `Sampler`. What it does that the batched one
+    cannot: sample with a KV cache for one sequence (when even K sequences' caches do not fit memory) and any K
+    (beyond llama.cpp's parallel sequences). The price: ~2.4x slower here (`pudl bench sampling`), and it
+    computes with the GGUF's own weight types (on a quantized GGUF, log-probs ~0.2-0.5 off the MLX student's).
+    It is also the straightforward reference the batched sampler is tested against.
     """
 
     def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,

@@ -98,7 +98,10 @@ def test_seeded_candidates_differ_reproduce_and_match_the_sequential_streams(bat
     for p in PROMPTS:
         ids = [c.token_ids.tolist() for c in first[p.id]]
         assert len({tuple(x) for x in ids}) > 1
-        assert ids == [c.token_ids.tolist() for c in again[p.id]]
+        # Other batch mates change llama.cpp's arithmetic in the last bits: at temperature 1 a random model's
+        # distribution is nearly flat, so a draw may land on the neighbouring token (a near-tie), then stop there.
+        for a, b in zip(first[p.id], again[p.id], strict=True):
+            assert_same_tokens(a, b)
         assert ids != [c.token_ids.tolist() for c in other[p.id]]
         # Candidate idx draws from its own stream, so the sequential sampler samples the same candidates.
         for b, s in zip(first[p.id], sequential.sample(p, 4, 1.0, 10, seed=prompt_seed(7, 0, p.id))):
@@ -215,6 +218,30 @@ def test_recipe_sets_the_live_sequences_of_the_run_sampler(tiny_gguf, tmp_path):
     finally:
         sampler.close()
         run.cache.close()
+
+
+def test_recipe_can_choose_the_sequential_fallback_and_it_samples_the_same_candidates(tiny_gguf_f32, tmp_path,
+                                                                                        batched):
+    from pudl.loop import Run
+    from pudl.recipe import load_recipe
+    from pudl.report import Reporter
+    from tests import recipe_files
+
+    path = recipe_files.write_recipe(tmp_path, {"run": {"out": tmp_path / "run"}, "student": {
+        "model": tiny_gguf_f32, "threads": 1, "n_ctx": 256}, "sample": {"backend": "llamacpp-sequential"}})
+    (tmp_path / "run").mkdir()
+    run = Run(load_recipe(path), Reporter(None, quiet=True))
+    sampler = run.sampler(None)
+    try:
+        assert isinstance(sampler, SequentialSampler)
+        got, _ = generate(sampler, PROMPTS[:2], k=3, temperature=1.0, max_tokens=8, seed=5)
+    finally:
+        sampler.close()
+        run.cache.close()
+    ref, _ = generate(batched, PROMPTS[:2], k=3, temperature=1.0, max_tokens=8, seed=5)
+    for p in PROMPTS[:2]:
+        for a, b in zip(got[p.id], ref[p.id], strict=True):
+            assert_same_tokens(a, b)
 
 
 def test_quantized_gguf_is_sampled_in_float32_from_its_exact_weights(tiny_gguf, tmp_path):
