@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_kernels_tiny_ends_with_one_json_object():
     out = subprocess.run([sys.executable, "-m", "pudl.cli", "bench", "kernels", "--tiny", "--json"],
@@ -52,6 +54,18 @@ def test_sampling_steps_fits_step_times_and_compares_weight_types():
     assert result["greedy_vs_f32"]["f32"] == {"identical": 2, "of": 2, "max_logprob_gap": 0.0}
     fit = result["f32_step_fit"]
     assert fit["steps"] >= 2 and fit["per_token_ms"] > 0  # the prefill steps hold the most tokens
+
+
+def test_sampling_steps_scan_times_steps_by_tokens_and_cells_in_both_cache_layouts():
+    from pudl.bench import sampling_steps
+
+    result = sampling_steps.scan(tokens=(1, 4), cells=(16, 64), sequences=8, reps=1, threads=1, measure=False)
+    for key in ("unified_ms", "streams_ms"):
+        assert set(result[key]) == {16, 64}
+        assert all(set(row) == {1, 4} and min(row.values()) > 0 for row in result[key].values())
+    assert all(set(row) == {2} and row[2] > 0 for row in result["streams_every_other_ms"].values())
+    with pytest.raises(ValueError):
+        sampling_steps.scan(tokens=(1, 16), cells=(64,), sequences=8, measure=False)
 
 
 def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
