@@ -196,7 +196,7 @@ def test_cache_ls_and_show(tiny_run, monkeypatch):
         assert label == ("anchor" if idx == -1 else str(rank))
         if idx >= 0:
             reply = cands[(first, idx)]
-            assert text == reply.strip()
+            assert text == reply.replace("\n", "⏎ ").strip()  # line breaks shown as ⏎ (a random model's replies)
             assert mark == ("✓" if strict_match(reply, answers[first]) else
                             "~" if lenient_match(reply, answers[first]) else "✗")
     out = cli("show", str(run), "--round", "1", "--limit", "2")
