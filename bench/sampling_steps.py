@@ -10,7 +10,8 @@ on the shared prefix).
 Run: `python -m pudl.bench.sampling_steps [--prompts 8 --k 4 --max-tokens 32 --repeats 3 --types f32,f16,...]`;
 the last line of stdout is one JSON object.
 `--scan` instead times single decode steps (`scan`): n sequences advancing one token each while the KV cache
-holds C cells, in llama.cpp's unified cache (pudl's layout) and with a cache stream per sequence.
+holds C cells, in llama.cpp's unified cache and with a cache stream per sequence; `--layouts` samples the job
+with each `sample.kv_cache` layout (`layouts`).
 """
 
 from __future__ import annotations
@@ -185,6 +186,44 @@ def scan(tokens=(1, 8, 16, 32, 64), cells=(256, 1024, 2700), sequences: int = 64
     return result
 
 
+def layouts(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, threads: int = 0,
+            measure: bool = True) -> dict:
+    """Tokens/s of the job with the sampler's unified KV cache and with a stream per sequence, the two in one
+    process in rotating order with the same seeds, and which one `kv_cache = "auto"` picks for it."""
+    from pudl.models import Tokenizer, resolve_model_path
+    from pudl.prompts import load_prompts
+    from pudl.recipe import SampleConfig
+    from pudl.sampler import Sampler
+
+    from pudl.bench.sampling import TASKS
+
+    path = resolve_model_path("smollm2-135m")
+    tok = Tokenizer(path)
+    jobs = load_prompts(TASKS)[:prompts]
+    cfg = SampleConfig(k=k, max_tokens=max_tokens)
+    threads = threads or os.cpu_count()
+    names = ("unified", "streams", "auto")
+    samplers = {name: Sampler(path, tok, threads=threads, kv_cache=name) for name in names}
+    rates = {name: [] for name in names}
+    try:
+        for s in samplers.values():  # warm-up: the context is sized to the job
+            s.sample_all(jobs, cfg, 10_000, 0, lambda p, c: None)
+        for r in range(repeats):
+            for name in names[r % 3:] + names[: r % 3]:
+                counts = []
+                t = time.perf_counter()
+                samplers[name].sample_all(jobs, cfg, r, 0, lambda p, c: counts.extend(len(x.token_ids) for x in c))
+                rates[name].append(sum(counts) / (time.perf_counter() - t))
+        picked = "streams" if samplers["auto"].streams else "unified"
+    finally:
+        for s in samplers.values():
+            s.close()
+    return {"prompts": len(jobs), "k": k, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
+            "machine": common.machine(measure), "tok_s": rates,
+            "median_tok_s": {n: float(np.median(v)) for n, v in rates.items()}, "auto_picks": picked,
+            "streams_over_unified": float(np.median(rates["streams"]) / np.median(rates["unified"]))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -194,7 +233,16 @@ def main(argv=None):
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--scan", action="store_true", help="time single decode steps by tokens x KV cells instead")
+    ap.add_argument("--layouts", action="store_true", help="sample the job with each KV-cache layout instead")
     a = ap.parse_args(argv)
+    if a.layouts:
+        result = layouts(a.prompts, a.k, a.max_tokens, a.repeats, a.threads)
+        print(f"{result['prompts']} prompts x K={result['k']}, {result['max_tokens']} new tokens: " + ", ".join(
+            f"{n} {v:.1f} tok/s" for n, v in result["median_tok_s"].items()) +
+            f" (medians of {a.repeats}); streams / unified {result['streams_over_unified']:.2f}; "
+            f"auto picks {result['auto_picks']}")
+        print(json.dumps(result))
+        return
     if a.scan:
         result = scan(threads=a.threads)
         for key in ("unified_ms", "streams_ms", "streams_every_other_ms"):

@@ -118,7 +118,7 @@ class Run:
         if self.recipe.sample.backend == "llamacpp-sequential":  # the simple fallback (pudl.sampler)
             return SequentialSampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
         return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads,
-                       sequences=self.recipe.sample.sequences)
+                       sequences=self.recipe.sample.sequences, kv_cache=self.recipe.sample.kv_cache)
 
     # teacher -------------------------------------------------------------------------------------
     def collect_anchors(self) -> dict[str, str]:

@@ -23,6 +23,7 @@ LISTWISE = ("grpo", "ldl", "listmle")  # the objectives trained on ranked groups
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 NORMS = ("token", "sequence")
 SAMPLE_BACKENDS = ("llamacpp", "llamacpp-sequential", "mlx")
+KV_CACHES = ("auto", "unified", "streams")  # pudl.sampler.Sampler's layouts
 QUANTS = ("q8_0", "q4_0", "f16", "f32")  # pudl.convert.QUANTS (not imported: recipes load without numpy)
 
 
@@ -93,6 +94,10 @@ class SampleConfig:
     # Batching only: the same seeded candidates whatever its value, so not in the fingerprint.
     sequences: int = _f(64, "live sequences per llama.cpp decode step (K per prompt in flight): fewer need less "
                         "KV-cache memory, more keep the cores busier", min=1, max=1024, fingerprint=False)
+    kv_cache: str = _f("auto", "llama.cpp's KV cache while sampling: unified (one cell pool, the least memory, "
+                       "fastest for small jobs), streams (one per sequence: each token attends over its own cells "
+                       "only, faster once many or long replies are in flight), auto (unified up to 2048 cells)",
+                       choices=KV_CACHES, fingerprint=False)
 
 
 @dataclass(frozen=True)

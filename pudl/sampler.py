@@ -1,10 +1,12 @@
 """K candidates per prompt from the student GGUF through llama.cpp, with the current LoRA applied.
 
 `Sampler` (batched, the default) drives llama.cpp's low-level API: each prompt is decoded once into one
-sequence of a unified KV cache and copied to its K sequences (`llama_memory_seq_cp` shares the cells, no
-recompute), and every live sequence of several prompts advances by one token in one `llama_decode` per step;
-new prompts join as soon as KV cells and sequence ids are free. `SequentialSampler` is the simple one-candidate-
-at-a-time fallback on the high-level `Llama` object.
+sequence and shared by its K sequences (`llama_memory_seq_cp`), and every live sequence of several prompts
+advances by one token in one `llama_decode` per step; new prompts join as soon as K sequence slots (and, in a
+unified cache, KV cells) are free. The KV cache is one unified cell pool for small jobs (a prompt's cells
+shared, but every token attends over all the cells in flight) and a stream per sequence for large ones (a
+token attends over its own sequence only; the prompt's cells copied). `SequentialSampler` is the simple
+one-candidate-at-a-time fallback on the high-level `Llama` object.
 
 Both sample in NumPy from llama.cpp's logits, so every candidate keeps its exact token ids and the policy's
 per-token log-probs (temperature 1, before truncation: the quantity the MLX trainer computes for the same
@@ -29,6 +31,7 @@ from pudl.cache import Candidate
 from pudl.errors import UserError
 from pudl.llamacpp import _without_extra_buffers, open_llama, quiet_stderr
 from pudl.prompts import Prompt, chat_messages
+from pudl.recipe import KV_CACHES
 
 DEFAULT_SEQUENCES = 64  # live sequences per decode step (batched throughput still grows at 64 on 2 cores)
 
@@ -139,10 +142,9 @@ class _Batch:
         self.pos = np.zeros(capacity, np.int32)
         self.seq = np.zeros(capacity, np.int32)
         self.logits = np.zeros(capacity, np.int8)
-        self.n_seq_id = np.ones(capacity, np.int32)  # a token belongs to one sequence, unless `share`d
-        self._ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
-        self._seq_ptrs = (self._ptr * capacity)(*(self._own(i) for i in range(capacity)))
-        self._shared = None  # the sequence ids of `share`d tokens, and how many tokens point at them
+        self.n_seq_id = np.ones(capacity, np.int32)  # a token belongs to one sequence
+        ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
+        self._seq_ptrs = (ptr * capacity)(*(ctypes.cast(self.seq.ctypes.data + 4 * i, ptr) for i in range(capacity)))
         self.n = 0
 
         def p(a, ctype):
@@ -153,29 +155,8 @@ class _Batch:
                                              p(self.n_seq_id, ctypes.c_int32), self._seq_ptrs,
                                              p(self.logits, ctypes.c_int8))
 
-    def _own(self, i: int):
-        return ctypes.cast(self.seq.ctypes.data + 4 * i, self._ptr)
-
     def clear(self):
-        """Empty the batch (`share`d tokens back to one sequence each)."""
-        if self._shared is not None:
-            n = self._shared[1]
-            self.n_seq_id[:n] = 1
-            for i in range(n):
-                self._seq_ptrs[i] = self._own(i)
-            self._shared = None
         self.n = 0
-
-    def share(self, tokens, start: int, seq_ids: list[int]):
-        """Write `tokens` (positions 0..) at slots start.. (already counted in `n`) as the head of every
-        sequence in `seq_ids`: llama.cpp decodes them once, into KV cells those sequences share."""
-        n = len(tokens)
-        ids = np.array(seq_ids, np.int32)
-        self._shared = (ids, start + n)
-        s = slice(start, start + n)
-        self.token[s], self.pos[s], self.logits[s], self.n_seq_id[s] = tokens, np.arange(n), 0, len(ids)
-        for i in range(start, start + n):
-            self._seq_ptrs[i] = ctypes.cast(ids.ctypes.data, self._ptr)
 
     def add(self, tokens, pos0: int, seq_id: int, logits_last: bool):
         n = len(tokens)
@@ -191,25 +172,29 @@ class _Batch:
 
 @dataclass
 class _Group:
-    """One prompt in flight: its K sequence ids, finished candidates and reserved KV cells."""
+    """One prompt in flight: its context, reply budget, reserved KV cells (unified cache) and finished candidates."""
 
     prompt: Prompt
     seed: int
     context: list[int]
     max_new: int
-    seq_ids: list[int]
     cells: int
     done: list = field(default_factory=list)
 
 
 @dataclass
 class _Seq:
+    """One candidate in flight, in sequence slot `slot` (the live ones always fill slots 0..n-1)."""
+
     group: _Group
     idx: int
-    seq_id: int
+    slot: int
     rng: np.random.Generator
     ids: list = field(default_factory=list)
     logps: list = field(default_factory=list)
+
+
+STREAMS_ABOVE_CELLS = 2048  # kv_cache = "auto": a stream per sequence once a unified cache would need more cells
 
 
 FLOAT_COPY_SHARE = 0.125  # the largest share of RAM a float32 copy of the student may take for sampling
@@ -272,24 +257,31 @@ def _load_model(path: Path, float_weights: bool | None, threads: int):
 class Sampler:
     """Batched llama.cpp sampling on the student GGUF (+ optional GGUF LoRA): K candidates per prompt, many prompts at once.
 
-    `n_ctx` bounds one sequence (prompt + reply), as for `SequentialSampler`. Each `generate` sizes the KV
-    cache for about `sequences` live sequences (ceil(sequences / K) prompts' worst case: longest prompt +
-    K x max_tokens cells); a waiting prompt joins the batch as soon as its worst case fits. On the CPU, a
-    quantized GGUF is dequantized to float32 first (`float_weights`; only when `float_copy_fits`): the same
-    weights, ~1.8x the batched speed of llama.cpp's Q4_1 kernels here (bench/sampling_steps.py), and log-probs
-    equal to the MLX student's float32 ones instead of ~0.5 off (llama.cpp quantizes activations to 8 bits for
-    its quantized kernels).
+    `n_ctx` bounds one sequence (prompt + reply), as for `SequentialSampler`. Each `generate` runs up to
+    `sequences` sequences at once (K per prompt in flight), plus one for the prompts' shared head (the chat
+    template's system prompt...), decoded once. `kv_cache`: "unified" (one cell pool sized for the prompts in
+    flight, each reserving its prompt + K x max_tokens cells), "streams" (a stream per sequence of prompt +
+    max_tokens cells), or "auto": unified up to STREAMS_ABOVE_CELLS cells (llama.cpp costs more per sequence
+    with streams, the unified cache more per cell: docs/benchmarks.md). On the CPU, a quantized GGUF is
+    dequantized to float32 first (`float_weights`; only when `float_copy_fits`): the same weights, ~1.8x the
+    batched speed of llama.cpp's Q4_1 kernels here (bench/sampling_steps.py), and log-probs equal to the MLX
+    student's float32 ones instead of ~0.5 off (llama.cpp quantizes activations to 8 bits for its quantized
+    kernels).
     """
 
     def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,
-                 threads: int = 0, sequences: int = DEFAULT_SEQUENCES, float_weights: bool | None = None):
+                 threads: int = 0, sequences: int = DEFAULT_SEQUENCES, float_weights: bool | None = None,
+                 kv_cache: str = "auto"):
         import llama_cpp
 
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}")
         llama_cpp.llama_backend_init()
-        self.tokenizer, self.n_ctx, self.sequences = tokenizer, n_ctx, sequences
+        self.tokenizer, self.n_ctx, self.sequences, self.kv_cache = tokenizer, n_ctx, sequences, kv_cache
         self.threads = threads or os.cpu_count()
         self.ctx = self.adapter = None
         self.n_seq = self.kv_cells = 0
+        self.streams = False
         self.model = _load_model(gguf_path, float_weights, self.threads)
         if adapter_path is not None:
             with quiet_stderr():
@@ -300,24 +292,26 @@ class Sampler:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.eog = _end_of_generation_ids(self.model, tokenizer)
 
-    def _context(self, n_seq: int, kv_cells: int, n_batch: int):
-        """A context with at least `n_seq` sequences, `kv_cells` cells and `n_batch` tokens a batch (the previous
-        one when it is big enough)."""
+    def _context(self, n_seq: int, streams: bool, kv_cells: int, n_batch: int):
+        """A context of at least `n_seq` sequences and `n_batch` tokens a batch, with `kv_cells` cells in one
+        unified pool or, with `streams`, in each sequence's own stream (the previous context when it fits)."""
         import llama_cpp
 
-        kv_cells = max(kv_cells, n_batch)  # llama.cpp caps a batch at the cache size
-        if self.ctx and n_seq <= self.n_seq and kv_cells <= self.kv_cells and n_batch <= self.batch.capacity:
+        if not streams:
+            kv_cells = max(kv_cells, n_batch)  # llama.cpp caps a batch at the cache size
+        if self.ctx and streams == self.streams and n_seq <= self.n_seq and kv_cells <= self.kv_cells \
+                and n_batch <= self.batch.capacity:
             llama_cpp.llama_memory_clear(self.memory, False)
             return
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = kv_cells
+        params.n_ctx = n_seq * kv_cells if streams else kv_cells
         params.n_batch = n_batch
         params.n_ubatch = min(512, params.n_batch)
         params.n_seq_max = n_seq
-        params.kv_unified = True  # one cell pool: a prompt's K sequences share its cells
+        params.kv_unified = not streams
         # Exact attention: llama.cpp's CPU flash attention and a float16 cache both round through float16
         # (log-probs off by 0.01-0.02); this way they match the MLX student's to ~1e-5 on float weights.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -326,14 +320,15 @@ class Sampler:
         with quiet_stderr():
             self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise UserError(f"llama.cpp could not create a context of {kv_cells} KV cells x {n_seq} sequences "
+            raise UserError(f"llama.cpp could not create a KV cache of {params.n_ctx} cells for {n_seq} sequences "
                             "(lower sample.sequences, or sample.backend = \"llamacpp-sequential\": one sequence)")
         if self.adapter:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
             if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)):
                 raise UserError("llama.cpp cannot apply the LoRA adapter")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_seq, self.kv_cells = n_seq, llama_cpp.llama_n_ctx(self.ctx)
+        n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_seq, self.streams, self.kv_cells = n_seq, streams, n_ctx // n_seq if streams else n_ctx
         self.batch = _Batch(llama_cpp.llama_n_batch(self.ctx))
 
     def close(self):
@@ -370,76 +365,96 @@ class Sampler:
         if not jobs:
             return
         contexts = [_chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
-        n_seq = min(max(self.sequences, k + 1), llama_cpp.llama_max_parallel_sequences())
-        if k > n_seq:
-            raise UserError(f"sample.k={k} exceeds llama.cpp's {n_seq} parallel sequences "
+        max_slots = llama_cpp.llama_max_parallel_sequences() - 1  # one more sequence holds the shared head
+        if k > max_slots:
+            raise UserError(f"sample.k={k} exceeds llama.cpp's {max_slots} parallel sequences "
                             "(sample.backend = \"llamacpp-sequential\" samples any K, one at a time)")
-        # The chat template's shared head (system prompt...) is decoded once, into a sequence of its own.
-        prefix = os.path.commonprefix(contexts)[: min(map(len, contexts)) - 1] if len(jobs) > 1 and k < n_seq else []
+        slots = min(max(self.sequences, k), len(jobs) * k, max_slots)
+        prefix = os.path.commonprefix(contexts)[: min(map(len, contexts)) - 1] if len(jobs) > 1 else []
         groups = deque()
         for (prompt, seed), context in zip(jobs, contexts):
             max_new = min(max_tokens, self.n_ctx - len(context))
-            groups.append(_Group(prompt, seed, context, max_new, [], len(context) - len(prefix) + k * max_new))
-        in_flight = max(1, min((n_seq - bool(prefix)) // k, len(groups)))  # prompts at once, all the longest
-        # A batch holds a whole prompt next to every live sequence's step, and several prompts when they are short.
-        n_batch = max(512, max(map(len, contexts)) + n_seq)
-        self._context(n_seq, len(prefix) + in_flight * max(g.cells for g in groups), n_batch)
-        free_ids = list(range(self.n_seq - 1, -1, -1))
-        free_cells = self.kv_cells - len(prefix)
-        batch = self.batch
-        prefix_id = free_ids.pop() if prefix else None
-        shared = bool(prefix)  # the first step decodes the prefix once for its own sequence and its prompts
-        live: list[_Seq] = []
-        while groups or live:
+            groups.append(_Group(prompt, seed, context, max_new, len(context) - len(prefix) + k * max_new))
+        unified_cells = len(prefix) + slots // k * max(g.cells for g in groups)
+        streams = self.kv_cache == "streams" or self.kv_cache == "auto" and unified_cells > STREAMS_ABOVE_CELLS
+        stream_cells = max(len(g.context) + g.max_new for g in groups)
+        self._context(slots + 1, streams, stream_cells if streams else unified_cells,
+                      max(512, max(map(len, contexts)) - len(prefix) + slots))
+        batch, head = self.batch, self.n_seq - 1  # the shared head's sequence id: after every slot
+        free_cells = float("inf") if streams else self.kv_cells - len(prefix)
+        if prefix:
             batch.clear()
-            for s in live:  # one step for every live sequence: its last token, logits out
-                batch.add(s.ids[-1:], len(s.group.context) + len(s.ids) - 1, s.seq_id, True)
-            if shared:  # (live is empty): the prefix's slots come first, filled once its prompts are known
-                batch.n = len(prefix)
-            new = []  # admit prompts while their worst case fits the free cells, sequence ids and batch
-            while groups and len(free_ids) >= k and groups[0].cells <= free_cells \
-                    and batch.n + len(groups[0].context) - len(prefix) <= batch.capacity:
-                g = groups.popleft()
-                g.seq_ids = [free_ids.pop() for _ in range(k)]
-                free_cells -= g.cells
-                if prefix and not shared:
-                    llama_cpp.llama_memory_seq_cp(self.memory, prefix_id, g.seq_ids[0], -1, -1)
-                batch.add(g.context[len(prefix):], len(prefix), g.seq_ids[0], True)
-                new.append(g)
-            if shared:
-                batch.share(prefix, 0, [prefix_id] + [g.seq_ids[0] for g in new])
-                shared = False
-            if not batch.n:  # cannot happen with the sizing above; never spin
-                raise RuntimeError("batched sampler: nothing fits the KV cache")
-            logits = self._decode(len(live) + len(new))
-            # Outputs come in batch order: a row per live sequence, then one prompt row per new group.
-            rows = list(range(len(live)))
-            for r, g in enumerate(new, start=len(live)):
-                for sid in g.seq_ids[1:]:  # the other K-1 sequences share the prompt's cells
-                    llama_cpp.llama_memory_seq_cp(self.memory, g.seq_ids[0], sid, -1, -1)
-                for idx, sid in enumerate(g.seq_ids):
-                    live.append(_Seq(g, idx, sid, candidate_rng(g.seed, idx)))
-                    rows.append(r)
-            step = logits[rows]  # a copy: the rows of all live sequences, in `live` order
-            tokens = draw_rows(step, temperature, [s.rng for s in live], top_k, top_p, min_p)
+            batch.add(prefix, 0, head, False)
+            self._decode(0)
+        live: list[_Seq] = []  # live[i].slot == i: llama.cpp splits a step over ids that are not consecutive
+        while groups or live:
+            # Admit prompts while K slots (and, unified, their cells) are free: prompt j of them decodes into
+            # slot n + j, after the n live sequences, and is copied to its K - 1 other slots after those.
+            new, n_tokens = [], len(live)
+            while groups and len(live) + (len(new) + 1) * k <= slots and groups[0].cells <= free_cells \
+                    and n_tokens + len(groups[0].context) - len(prefix) <= batch.capacity:
+                new.append(groups.popleft())
+                free_cells -= new[-1].cells
+                n_tokens += len(new[-1].context) - len(prefix)
+            if not live and not new:  # cannot happen with the sizing above; never spin
+                raise RuntimeError("batched sampler: no prompt fits the sequence slots and KV cache")
+
+            def add_steps():  # one step for every live sequence: its last token, logits out
+                for s in live:
+                    batch.add(s.ids[-1:], len(s.group.context) + len(s.ids) - 1, s.slot, True)
+
+            def add_prompts():
+                for j, g in enumerate(new):
+                    if prefix:
+                        llama_cpp.llama_memory_seq_cp(self.memory, head, len(live) + j, -1, -1)
+                    batch.add(g.context[len(prefix):], len(prefix), len(live) + j, True)
+
+            batch.clear()
+            if streams and new and live:  # llama.cpp gives each stream's prompt a batch of its own anyway
+                add_prompts()
+                prompt_logits = self._decode(len(new)).copy()
+                batch.clear()
+                add_steps()
+                step_logits = self._decode(len(live))
+            else:  # one decode: the live sequences' steps, then the new prompts
+                add_steps()
+                add_prompts()
+                logits = self._decode(len(live) + len(new))
+                step_logits, prompt_logits = logits[: len(live)], logits[len(live):]
+            seqs, prompt_rows, copy_to = list(live), [], len(live) + len(new)
+            for j, g in enumerate(new):
+                seqs.append(_Seq(g, 0, len(live) + j, candidate_rng(g.seed, 0)))
+                for idx in range(1, k):
+                    llama_cpp.llama_memory_seq_cp(self.memory, len(live) + j, copy_to, -1, -1)
+                    seqs.append(_Seq(g, idx, copy_to, candidate_rng(g.seed, idx)))
+                    copy_to += 1
+                prompt_rows += [j] * k
+            step = np.concatenate([step_logits, prompt_logits[prompt_rows]]) if new else step_logits
+            tokens = draw_rows(step, temperature, [s.rng for s in seqs], top_k, top_p, min_p)
             logps = _token_logprobs(step, tokens)
-            still = []
-            for s, token, logp in zip(live, tokens.tolist(), logps.tolist()):
+            still, freed = [], []
+            for s, token, logp in zip(seqs, tokens.tolist(), logps.tolist()):
                 s.ids.append(token)
                 s.logps.append(logp)
                 finish = "stop" if token in self.eog else "length" if len(s.ids) >= s.group.max_new else None
                 if finish is None:
                     still.append(s)
                     continue
+                freed.append(s.slot)
+                llama_cpp.llama_memory_seq_rm(self.memory, s.slot, -1, -1)
                 g = s.group
                 g.done.append(_candidate(self.tokenizer, g.prompt.id, s.idx, s.ids, s.logps, finish))
-                if len(g.done) == k:  # the whole prompt is done: free its cells and ids, hand it over
-                    for sid in g.seq_ids:
-                        llama_cpp.llama_memory_seq_rm(self.memory, sid, -1, -1)
-                    free_ids.extend(g.seq_ids)
+                if len(g.done) == k:  # the whole prompt is done: its cells are free again, hand it over
                     free_cells += g.cells
                     on_prompt(g.prompt, sorted(g.done, key=lambda c: c.idx))
-            live = still
+            # Keep the live sequences in slots 0..n-1: the ones above move down into the freed slots below
+            # (a memcpy of the stream, or with a unified cache a relabelling of its cells).
+            holes = sorted(slot for slot in freed if slot < len(still))
+            for hole, s in zip(holes, [s for s in still if s.slot >= len(still)]):
+                llama_cpp.llama_memory_seq_cp(self.memory, s.slot, hole, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self.memory, s.slot, -1, -1)
+                s.slot = hole
+            live = sorted(still, key=lambda s: s.slot)
 
     def _decode(self, n_out: int) -> np.ndarray:
         """Decode the batch; the logits of its `n_out` output tokens, in batch order (a view, valid until the next)."""

@@ -25,9 +25,15 @@ def tok(tiny_gguf_f32):
     return Tokenizer(tiny_gguf_f32)
 
 
+@pytest.fixture(scope="module", params=["unified", "streams"])
+def layout(request):
+    """Both KV-cache layouts of the batched sampler (kv_cache="auto" picks unified for these small jobs)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def batched(tiny_gguf_f32, tok):
-    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1)
+def batched(tiny_gguf_f32, tok, layout):
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, kv_cache=layout)
     yield s
     s.close()
 
@@ -108,8 +114,9 @@ def test_seeded_candidates_differ_reproduce_and_match_the_sequential_streams(bat
             assert_same_tokens(b, s)
 
 
-def test_stops_early_while_others_run_to_max_tokens_and_hands_over_each_prompt_when_done(tiny_gguf_f32, tok):
-    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, sequences=5)  # two prompts of K=2 in flight
+def test_stops_early_while_others_run_to_max_tokens_and_hands_over_each_prompt_when_done(tiny_gguf_f32, tok,
+                                                                                          layout):
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, sequences=5, kv_cache=layout)  # two prompts of K=2 at once
     eog = s.eog
     try:
         greedy, _ = generate(s, PROMPTS, k=2, temperature=0.0, max_tokens=8)
@@ -135,8 +142,8 @@ def test_stops_early_while_others_run_to_max_tokens_and_hands_over_each_prompt_w
             assert_same_tokens(c, greedy[p.id][0])
 
 
-def test_prompts_queue_for_the_cache_and_sequence_ids(tiny_gguf_f32, tok, batched):
-    narrow = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, sequences=2)  # one prompt of K=2 at a time
+def test_prompts_queue_for_the_cache_and_sequence_ids(tiny_gguf_f32, tok, batched, layout):
+    narrow = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1, sequences=2, kv_cache=layout)  # one prompt at a time
     try:
         got, order = generate(narrow, PROMPTS, k=2, temperature=1.0, max_tokens=6, seed=3)
     finally:
@@ -202,6 +209,25 @@ def test_float32_copy_only_when_it_is_a_small_share_of_ram():
     assert float_copy_fits(1, None)  # reads this machine's RAM
 
 
+def test_auto_kv_cache_turns_to_streams_for_large_jobs_with_the_same_candidates(tiny_gguf_f32, tok, monkeypatch):
+    import pudl.sampler
+
+    s = Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1)  # kv_cache="auto"
+    try:
+        small, _ = generate(s, PROMPTS, k=3, temperature=1.0, max_tokens=8, seed=2)
+        assert not s.streams  # 4 prompts x (prompt + 3 x 8 cells): far below STREAMS_ABOVE_CELLS
+        monkeypatch.setattr(pudl.sampler, "STREAMS_ABOVE_CELLS", 64)
+        large, _ = generate(s, PROMPTS, k=3, temperature=1.0, max_tokens=8, seed=2)
+        assert s.streams
+    finally:
+        s.close()
+    for p in PROMPTS:
+        for a, b in zip(small[p.id], large[p.id], strict=True):
+            assert_same_tokens(a, b)
+    with pytest.raises(ValueError):
+        Sampler(tiny_gguf_f32, tok, kv_cache="paged")
+
+
 def test_recipe_sets_the_live_sequences_of_the_run_sampler(tiny_gguf, tmp_path):
     from pudl.loop import Run
     from pudl.recipe import load_recipe
@@ -209,12 +235,12 @@ def test_recipe_sets_the_live_sequences_of_the_run_sampler(tiny_gguf, tmp_path):
     from tests import recipe_files
 
     path = recipe_files.write_recipe(tmp_path, {"run": {"out": tmp_path / "run"}, "student": {"model": tiny_gguf,
-                                                "threads": 1}, "sample": {"k": 3, "sequences": 7}})
+                                                "threads": 1}, "sample": {"k": 3, "sequences": 7, "kv_cache": "streams"}})
     (tmp_path / "run").mkdir()
     run = Run(load_recipe(path), Reporter(None, quiet=True))
     sampler = run.sampler(None)
     try:
-        assert sampler.sequences == 7
+        assert sampler.sequences == 7 and sampler.kv_cache == "streams"
     finally:
         sampler.close()
         run.cache.close()

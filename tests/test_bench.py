@@ -68,6 +68,14 @@ def test_sampling_steps_scan_times_steps_by_tokens_and_cells_in_both_cache_layou
         sampling_steps.scan(tokens=(1, 16), cells=(64,), sequences=8, measure=False)
 
 
+def test_sampling_steps_layouts_samples_the_job_with_each_kv_cache_layout():
+    from pudl.bench import sampling_steps
+
+    result = sampling_steps.layouts(prompts=2, k=2, max_tokens=4, repeats=1, threads=1, measure=False)
+    assert set(result["tok_s"]) == {"unified", "streams", "auto"} and min(result["median_tok_s"].values()) > 0
+    assert result["auto_picks"] == "unified"  # a tiny job: far below STREAMS_ABOVE_CELLS
+
+
 def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
     result = _bench_tiny("e2e", tmp_path)
     first, second = result["scaling"]
