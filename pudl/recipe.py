@@ -96,7 +96,8 @@ class SampleConfig:
                         "KV-cache memory, more keep the cores busier", min=1, max=1024, fingerprint=False)
     kv_cache: str = _f("auto", "llama.cpp's KV cache while sampling: unified (one cell pool, the least memory, "
                        "fastest for small jobs), streams (one per sequence: each token attends over its own cells "
-                       "only, faster once many or long replies are in flight), auto (unified up to 2048 cells)",
+                       "only, faster once many long replies are in flight, more memory), auto (streams for many "
+                       "long replies, when they need at most twice the cells)",
                        choices=KV_CACHES, fingerprint=False)
 
 

@@ -194,7 +194,13 @@ class _Seq:
     logps: list = field(default_factory=list)
 
 
-STREAMS_ABOVE_CELLS = 2048  # kv_cache = "auto": a stream per sequence once a unified cache would need more cells
+# kv_cache = "auto": a stream per sequence once a unified cache would need more than STREAMS_ABOVE_CELLS cells,
+# if the streams (llama.cpp rounds each up to STREAM_PAD cells) need at most STREAMS_MEMORY_RATIO x as many cells
+# (long replies, not long shared prompts) and fit STREAMS_RAM_SHARE of the RAM.
+STREAMS_ABOVE_CELLS = 2048
+STREAM_PAD = 256
+STREAMS_MEMORY_RATIO = 2.0
+STREAMS_RAM_SHARE = 1 / 16
 
 
 FLOAT_COPY_SHARE = 0.125  # the largest share of RAM a float32 copy of the student may take for sampling
@@ -204,9 +210,19 @@ def float_copy_fits(n_params: int, ram_bytes: int | None = None) -> bool:
     """Whether a float32 copy of `n_params` weights fits in FLOAT_COPY_SHARE of the RAM (total physical
     memory by default): the MLX student already holds one float32 copy on the CPU, and a 3B model's second
     one (12 GB) would not fit a 16 GB laptop, so larger students are sampled from their quantized weights."""
-    if ram_bytes is None:
-        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 4 * n_params <= FLOAT_COPY_SHARE * ram_bytes
+    return 4 * n_params <= FLOAT_COPY_SHARE * (_ram_bytes() if ram_bytes is None else ram_bytes)
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _kv_bytes_per_cell(model) -> int:
+    """Float32 K and V of one cell over all layers (head size taken as n_embd / n_head)."""
+    import llama_cpp
+
+    head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+    return 2 * 4 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
 
 
 def _load_model(path: Path, float_weights: bool | None, threads: int):
@@ -261,8 +277,9 @@ class Sampler:
     `sequences` sequences at once (K per prompt in flight), plus one for the prompts' shared head (the chat
     template's system prompt...), decoded once. `kv_cache`: "unified" (one cell pool sized for the prompts in
     flight, each reserving its prompt + K x max_tokens cells), "streams" (a stream per sequence of prompt +
-    max_tokens cells), or "auto": unified up to STREAMS_ABOVE_CELLS cells (llama.cpp costs more per sequence
-    with streams, the unified cache more per cell: docs/benchmarks.md). On the CPU, a quantized GGUF is
+    max_tokens cells, at least 256), or "auto": streams for jobs with many long replies in flight (see
+    STREAMS_ABOVE_CELLS: llama.cpp costs more per sequence with streams, the unified cache more per cell in
+    flight: docs/benchmarks.md). On the CPU, a quantized GGUF is
     dequantized to float32 first (`float_weights`; only when `float_copy_fits`): the same weights, ~1.8x the
     batched speed of llama.cpp's Q4_1 kernels here (bench/sampling_steps.py), and log-probs equal to the MLX
     student's float32 ones instead of ~0.5 off (llama.cpp quantizes activations to 8 bits for its quantized
@@ -376,8 +393,9 @@ class Sampler:
             max_new = min(max_tokens, self.n_ctx - len(context))
             groups.append(_Group(prompt, seed, context, max_new, len(context) - len(prefix) + k * max_new))
         unified_cells = len(prefix) + slots // k * max(g.cells for g in groups)
-        streams = self.kv_cache == "streams" or self.kv_cache == "auto" and unified_cells > STREAMS_ABOVE_CELLS
         stream_cells = max(len(g.context) + g.max_new for g in groups)
+        streams = self.kv_cache == "streams" or self.kv_cache == "auto" and self._streams_pay(unified_cells,
+                                                                                              slots, stream_cells)
         self._context(slots + 1, streams, stream_cells if streams else unified_cells,
                       max(512, max(map(len, contexts)) - len(prefix) + slots))
         batch, head = self.batch, self.n_seq - 1  # the shared head's sequence id: after every slot
@@ -455,6 +473,12 @@ class Sampler:
                 llama_cpp.llama_memory_seq_rm(self.memory, s.slot, -1, -1)
                 s.slot = hole
             live = sorted(still, key=lambda s: s.slot)
+
+    def _streams_pay(self, unified_cells: int, slots: int, stream_cells: int) -> bool:
+        """kv_cache = "auto": whether this job gets a stream per sequence (see STREAMS_ABOVE_CELLS)."""
+        padded = (slots + 1) * -(-stream_cells // STREAM_PAD) * STREAM_PAD
+        return unified_cells > STREAMS_ABOVE_CELLS and padded <= STREAMS_MEMORY_RATIO * unified_cells and \
+            padded * _kv_bytes_per_cell(self.model) <= STREAMS_RAM_SHARE * _ram_bytes()
 
     def _decode(self, n_out: int) -> np.ndarray:
         """Decode the batch; the logits of its `n_out` output tokens, in batch order (a view, valid until the next)."""

@@ -217,6 +217,13 @@ def test_auto_kv_cache_turns_to_streams_for_large_jobs_with_the_same_candidates(
         small, _ = generate(s, PROMPTS, k=3, temperature=1.0, max_tokens=8, seed=2)
         assert not s.streams  # 4 prompts x (prompt + 3 x 8 cells): far below STREAMS_ABOVE_CELLS
         monkeypatch.setattr(pudl.sampler, "STREAMS_ABOVE_CELLS", 64)
+        generate(s, PROMPTS, k=3, temperature=1.0, max_tokens=8, seed=2)
+        assert not s.streams  # short replies: 5 streams of 256 cells would be > 2x the unified cache
+        monkeypatch.setattr(pudl.sampler, "STREAMS_MEMORY_RATIO", 100.0)
+        monkeypatch.setattr(pudl.sampler, "STREAMS_RAM_SHARE", 1e-9)  # streams would not fit the RAM share
+        generate(s, PROMPTS, k=3, temperature=1.0, max_tokens=8, seed=2)
+        assert not s.streams
+        monkeypatch.setattr(pudl.sampler, "STREAMS_RAM_SHARE", 1 / 16)
         large, _ = generate(s, PROMPTS, k=3, temperature=1.0, max_tokens=8, seed=2)
         assert s.streams
     finally:
