@@ -93,7 +93,8 @@ class SampleConfig:
     max_tokens: int = _f(48, "longest candidate", min=1, max=8192)
     # Batching only: the same seeded candidates whatever its value, so not in the fingerprint.
     sequences: int = _f(64, "live sequences per llama.cpp decode step (K per prompt in flight): fewer need less "
-                        "KV-cache memory, more keep the cores busier", min=1, max=1024, fingerprint=False)
+                        "KV-cache memory, more keep the cores busier (llama.cpp runs at most 255)", min=1, max=255,
+                        fingerprint=False)
     kv_cache: str = _f("auto", "llama.cpp's KV cache while sampling: unified (one cell pool, the least memory, "
                        "fastest for small jobs), streams (one per sequence: each token attends over its own cells "
                        "only, faster once many long replies are in flight, more memory), auto (streams for many "
