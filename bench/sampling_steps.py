@@ -108,24 +108,6 @@ def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, ty
     return result
 
 
-def _scan_context(model, unified: bool, n_seq: int, cells: int, threads: int):
-    import llama_cpp
-
-    from pudl.llamacpp import quiet_stderr
-
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = cells, 512, 512, n_seq
-    params.kv_unified = unified
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as pudl's sampler: exact attention
-    params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
-    params.n_threads = params.n_threads_batch = threads
-    with quiet_stderr():
-        ctx = llama_cpp.llama_init_from_model(model, params)
-    if not ctx:
-        raise RuntimeError(f"llama.cpp could not create a context of {cells} cells x {n_seq} sequences")
-    return ctx
-
-
 def scan(tokens=(1, 8, 16, 32, 64), cells=(256, 1024, 2700), sequences: int = 64, reps: int = 5,
          threads: int = 0, measure: bool = True) -> dict:
     """Milliseconds of one decode step (one new token for each of n sequences, best of `reps`) on the float32
@@ -135,13 +117,14 @@ def scan(tokens=(1, 8, 16, 32, 64), cells=(256, 1024, 2700), sequences: int = 64
     whose ids are every other one: llama.cpp then splits the step into one batch per run of consecutive ids."""
     import llama_cpp
 
-    from pudl.models import resolve_model_path
-    from pudl.sampler import _Batch, _load_model
+    from pudl.models import Tokenizer, resolve_model_path
+    from pudl.sampler import Sampler
 
     threads = threads or os.cpu_count()
     if max(tokens) > sequences or min(cells) < sequences:
         raise ValueError("need max(tokens) <= sequences <= min(cells)")
-    model = _load_model(resolve_model_path("smollm2-135m"), True, threads)
+    path = resolve_model_path("smollm2-135m")
+    sampler = Sampler(path, Tokenizer(path), threads=threads)  # its contexts: float32 weights, exact attention
     rng = np.random.default_rng(0)
     result = {"tokens": list(tokens), "cells": list(cells), "sequences": sequences, "threads": threads,
               "machine": common.machine(measure), "unified_ms": {}, "streams_ms": {}, "streams_every_other_ms": {}}
@@ -149,39 +132,34 @@ def scan(tokens=(1, 8, 16, 32, 64), cells=(256, 1024, 2700), sequences: int = 64
         for layout in ("unified", "streams"):
             for c in cells:
                 per = c // sequences
-                # Room for the step's token: one more cell per sequence (per stream, as llama.cpp divides n_ctx).
-                ctx = _scan_context(model, layout == "unified", sequences, (per + 1) * sequences, threads)
-                memory, batch = llama_cpp.llama_get_memory(ctx), _Batch(512)
-
-                def decode(ctx=ctx, batch=batch):
-                    if llama_cpp.llama_decode(ctx, batch.struct()):
-                        raise RuntimeError("llama_decode failed")
-
+                # Room for the step's token: one more cell per sequence (a stream's size, or n_ctx in all).
+                sampler._context(sequences, layout == "streams",
+                                 per + 1 if layout == "streams" else (per + 1) * sequences, 512)
+                batch = sampler.batch
                 for q in range(sequences):
                     batch.clear()
                     batch.add(rng.integers(100, 40000, per).tolist(), 0, q, False)
-                    decode()
+                    sampler._decode(0)
 
-                def step_ms(ids, per=per, batch=batch, memory=memory, decode=decode):
+                def step_ms(ids, per=per, batch=batch):
                     best = float("inf")
                     for _ in range(reps):
                         batch.clear()
                         for q in ids:
                             batch.add([1000 + q], per, q, True)
                         t = time.perf_counter()
-                        decode()
+                        sampler._decode(len(ids))
                         best = min(best, time.perf_counter() - t)
                         for q in ids:
-                            llama_cpp.llama_memory_seq_rm(memory, q, per, -1)
+                            llama_cpp.llama_memory_seq_rm(sampler.memory, q, per, -1)
                     return 1e3 * best
 
                 result[f"{layout}_ms"][c] = {n: step_ms(range(n)) for n in tokens}
                 if layout == "streams":
                     result["streams_every_other_ms"][c] = {
                         n // 2: step_ms(range(0, n, 2)) for n in tokens if n >= 2}
-                llama_cpp.llama_free(ctx)
     finally:
-        llama_cpp.llama_model_free(model)
+        sampler.close()
     result["machine"]["load_after"] = common.load_average()
     return result
 

@@ -279,11 +279,10 @@ class Sampler:
     flight, each reserving its prompt + K x max_tokens cells), "streams" (a stream per sequence of prompt +
     max_tokens cells, at least 256), or "auto": streams for jobs with many long replies in flight (see
     STREAMS_ABOVE_CELLS: llama.cpp costs more per sequence with streams, the unified cache more per cell in
-    flight: docs/benchmarks.md). On the CPU, a quantized GGUF is
-    dequantized to float32 first (`float_weights`; only when `float_copy_fits`): the same weights, ~1.8x the
-    batched speed of llama.cpp's Q4_1 kernels here (bench/sampling_steps.py), and log-probs equal to the MLX
-    student's float32 ones instead of ~0.5 off (llama.cpp quantizes activations to 8 bits for its quantized
-    kernels).
+    flight: docs/benchmarks.md). On the CPU, a quantized GGUF is dequantized to float32 first (`float_weights`;
+    only when `float_copy_fits`): the same weights, ~1.8x the batched speed of llama.cpp's Q4_1 kernels here
+    (bench/sampling_steps.py), and log-probs equal to the MLX student's float32 ones instead of ~0.5 off
+    (llama.cpp quantizes activations to 8 bits for its quantized kernels).
     """
 
     def __init__(self, gguf_path: Path, tokenizer, adapter_path: Path | None = None, n_ctx: int = 1024,
