@@ -11,7 +11,8 @@ Run: `python -m pudl.bench.sampling_steps [--prompts 8 --k 4 --max-tokens 32 --r
 the last line of stdout is one JSON object.
 `--scan` instead times single decode steps (`scan`): n sequences advancing one token each while the KV cache
 holds C cells, in llama.cpp's unified cache and with a cache stream per sequence; `--layouts` samples the job
-with each `sample.kv_cache` layout (`layouts`).
+with each `sample.kv_cache` layout (`layouts`); `--floor` replays the job's own decodes on an emptied cache
+with each weight type, the fastest llama.cpp's kernels could run them, beside the sequential peer (`floor`).
 """
 
 from __future__ import annotations
@@ -202,6 +203,100 @@ def layouts(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3
             "streams_over_unified": float(np.median(rates["streams"]) / np.median(rates["unified"]))}
 
 
+def floor(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, types=TYPES, threads: int = 0,
+          sequential: bool = True, measure: bool = True) -> dict:
+    """The fastest llama.cpp could run the job's own decodes: sample the job with the f32 sampler (`repeats`
+    seeds, recording every llama_decode's tokens and outputs), then replay each seed's decodes with each
+    weight type on an emptied cache (each token attends over llama.cpp's minimum of 256 cells: no cells of
+    other sequences, no sampling between decodes) and sum the best of `repeats` times per seed. A step costs
+    a fixed part plus a part per token, so no schedule of the same replies needs fewer tokens or fewer steps
+    than the longest reply: the replay bounds any batching pudl could do with llama.cpp's kernels. With
+    `sequential`, the sampling bench's sequential peer (create_chat_completion) runs in the same process for
+    the ratio (best of `repeats`)."""
+    import llama_cpp
+
+    from pudl.models import Tokenizer, resolve_model_path
+    from pudl.prompts import load_prompts
+    from pudl.recipe import SampleConfig
+    from pudl.sampler import Sampler
+
+    from pudl.bench.sampling import TASKS, _peer
+
+    path = resolve_model_path("smollm2-135m")
+    tok = Tokenizer(path)
+    jobs = load_prompts(TASKS)[:prompts]
+    cfg = SampleConfig(k=k, max_tokens=max_tokens)
+    threads = threads or os.cpu_count()
+    result = {"prompts": prompts, "k": k, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
+              "machine": common.machine(measure), "jobs": [], "floor_tok_s": {}}
+    sampler = Sampler(path, tok, threads=threads, kv_cache="unified")
+    decode, record = sampler._decode, []
+
+    def recorded(n_out):
+        t = time.perf_counter()
+        out = decode(n_out)
+        if record:  # not during the warm-up
+            record[-1]["decodes"].append((sampler.batch.n, n_out, time.perf_counter() - t))
+        return out
+    sampler._decode = recorded
+    try:
+        sampler.sample_all(jobs, cfg, 10_000, 0, lambda p, c: None)  # warm-up: the context is sized to the job
+        for seed in range(repeats):
+            counts = []
+            record.append({"seed": seed, "decodes": []})
+            t = time.perf_counter()
+            sampler.sample_all(jobs, cfg, seed, 0, lambda p, c: counts.extend(len(x.token_ids) for x in c))
+            record[-1].update(tokens=sum(counts), seconds=time.perf_counter() - t)
+    finally:
+        sampler.close()
+    result["jobs"] = [{"seed": j["seed"], "tokens": j["tokens"], "seconds": j["seconds"],
+                       "decode_seconds": sum(d[2] for d in j["decodes"]),
+                       "decodes": [d[:2] for d in j["decodes"]]} for j in record]
+    result["pudl_tok_s"] = max(j["tokens"] / j["seconds"] for j in record)
+    largest = max(n for j in record for n, _, _ in j["decodes"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in types:
+            weights = path if kind in ("f32", "q4_1") else _requantized(path, kind, Path(tmp))
+            s = Sampler(weights, tok, threads=threads, float_weights=kind == "f32", kv_cache="unified")
+            try:
+                s._context(max(n_out for j in record for _, n_out, _ in j["decodes"]) + 1, False, 512, largest)
+                rng = np.random.default_rng(0)
+
+                def replay(n, n_out, s=s, rng=rng):
+                    """n tokens: one per sequence for a step (all outputs), else one run (the last n_out out)."""
+                    s.batch.clear()
+                    ids = rng.integers(100, 40000, n).tolist()
+                    if n_out == n:
+                        for q, token in enumerate(ids):
+                            s.batch.add([token], 0, q, True)
+                    else:
+                        if n > n_out:
+                            s.batch.add(ids[: n - n_out], 0, 0, False)
+                        for i in range(n - n_out, n):
+                            s.batch.add([ids[i]], i, 0, True)
+                    t = time.perf_counter()
+                    s._decode(n_out)
+                    seconds = time.perf_counter() - t
+                    llama_cpp.llama_memory_clear(s.memory, False)
+                    return seconds
+
+                rates = []
+                for j in record:
+                    best = [min(replay(n, n_out) for _ in range(repeats)) for n, n_out, _ in j["decodes"]]
+                    rates.append(j["tokens"] / sum(best))
+                result["floor_tok_s"][kind] = max(rates)
+            finally:
+                s.close()
+    if sequential:
+        result["sequential_tok_s"] = max(_peer("sequential", prompts, k, max_tokens, threads)["tok_s"]
+                                         for _ in range(repeats))
+        result["ratio_vs_sequential"] = result["pudl_tok_s"] / result["sequential_tok_s"]
+        result["floor_ratio_vs_sequential"] = {kind: rate / result["sequential_tok_s"]
+                                               for kind, rate in result["floor_tok_s"].items()}
+    result["machine"]["load_after"] = common.load_average()
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -212,7 +307,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--scan", action="store_true", help="time single decode steps by tokens x KV cells instead")
     ap.add_argument("--layouts", action="store_true", help="sample the job with each KV-cache layout instead")
+    ap.add_argument("--floor", action="store_true",
+                    help="replay the job's decodes on an emptied cache with each weight type instead: the fastest "
+                         "llama.cpp could run them, against the sequential peer")
     a = ap.parse_args(argv)
+    if a.floor:
+        result = floor(a.prompts, a.k, a.max_tokens, a.repeats, a.types.split(","), a.threads)
+        print(f"{result['prompts']} prompts x K={result['k']}, {result['max_tokens']} new tokens: pudl "
+              f"{result['pudl_tok_s']:.1f} tok/s, sequential {result['sequential_tok_s']:.1f} "
+              f"({result['ratio_vs_sequential']:.2f}x)")
+        for kind, rate in result["floor_tok_s"].items():
+            print(f"{kind:>5} replay floor {rate:7.1f} tok/s = {result['floor_ratio_vs_sequential'][kind]:.2f}x sequential")
+        print(json.dumps(result))
+        return
     if a.layouts:
         result = layouts(a.prompts, a.k, a.max_tokens, a.repeats, a.threads)
         print(f"{result['prompts']} prompts x K={result['k']}, {result['max_tokens']} new tokens: " + ", ".join(

@@ -76,6 +76,23 @@ def test_sampling_steps_layouts_samples_the_job_with_each_kv_cache_layout():
     assert result["auto_picks"] == "unified"  # a tiny job: far below STREAMS_ABOVE_CELLS
 
 
+def test_sampling_steps_floor_replays_the_jobs_decodes_against_the_sequential_peer():
+    from pudl.bench import sampling_steps
+
+    result = sampling_steps.floor(prompts=2, k=2, max_tokens=4, repeats=1, types=["f32", "q4_1"], threads=1,
+                                  measure=False)
+    (job,) = result["jobs"]
+    head, *rest = job["decodes"]
+    assert head[1] == 0 and head[0] > 0  # the chat template's shared head: decoded once, no logits
+    steps = [d for d in rest if d[0] == d[1]]
+    assert 1 <= len(steps) <= 4 - 1  # the prompts' decode samples the first token
+    # Each candidate's first token comes from its prompt's logits, every other one from one output of a step.
+    assert job["tokens"] == 2 * 2 + sum(n for n, _ in steps) and 0 < job["decode_seconds"] <= job["seconds"]
+    assert set(result["floor_tok_s"]) == {"f32", "q4_1"} and min(result["floor_tok_s"].values()) > 0
+    assert result["ratio_vs_sequential"] == result["pudl_tok_s"] / result["sequential_tok_s"] > 0
+    assert set(result["floor_ratio_vs_sequential"]) == {"f32", "q4_1"}
+
+
 def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
     result = _bench_tiny("e2e", tmp_path)
     first, second = result["scaling"]
