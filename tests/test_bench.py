@@ -90,7 +90,8 @@ def test_sampling_steps_floor_replays_the_jobs_decodes_against_the_sequential_pe
     assert job["tokens"] == 2 * 2 + sum(n for n, _ in steps) and 0 < job["decode_seconds"] <= job["seconds"]
     assert set(result["floor_tok_s"]) == {"f32", "q4_1"} and min(result["floor_tok_s"].values()) > 0
     assert result["ratio_vs_sequential"] == result["pudl_tok_s"] / result["sequential_tok_s"] > 0
-    assert set(result["floor_ratio_vs_sequential"]) == {"f32", "q4_1"}
+    assert set(result["floor_ratio_vs_sequential"]) == set(result["floor_over_pudl"]) == {"f32", "q4_1"}
+    assert len(result["sequential_runs_tok_s"]) == len(result["pudl_runs_tok_s"]) == 1
 
 
 def test_bench_e2e_tiny_times_real_runs_by_phase(tmp_path):
