@@ -45,6 +45,18 @@ def _requantized(path: Path, kind: str, directory: Path) -> Path:
     return out
 
 
+def _time_decodes(sampler, sink):
+    """Wrap `sampler._decode`: each decode reports (tokens in the batch, logits rows out, seconds) to `sink`."""
+    decode = sampler._decode
+
+    def timed(n_out):
+        t = time.perf_counter()
+        out = decode(n_out)
+        sink(sampler.batch.n, n_out, time.perf_counter() - t)
+        return out
+    sampler._decode = timed
+
+
 def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, types=TYPES, threads: int = 0,
         measure: bool = True) -> dict:
     """Sample the job with each weight type; `measure`: time the machine's sgemm too (off for smoke tests)."""
@@ -71,14 +83,7 @@ def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, ty
             else:
                 sampler = Sampler(_requantized(path, kind, Path(tmp)), tok, threads=threads, float_weights=False)
             if kind == "f32":
-                decode = sampler._decode
-
-                def timed(n_out, decode=decode, sampler=sampler):
-                    t = time.perf_counter()
-                    out = decode(n_out)
-                    steps.append((sampler.batch.n, time.perf_counter() - t))
-                    return out
-                sampler._decode = timed
+                _time_decodes(sampler, lambda n, n_out, seconds: steps.append((n, seconds)))
             rates = []
             for r in range(repeats):
                 counts = []
@@ -231,15 +236,12 @@ def floor(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, 
     result = {"prompts": prompts, "k": k, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
               "machine": common.machine(measure), "jobs": [], "floor_tok_s": {}}
     sampler = Sampler(path, tok, threads=threads, kv_cache="unified")
-    decode, record, rates = sampler._decode, [], []
+    record, rates = [], []
 
-    def recorded(n_out):
-        t = time.perf_counter()
-        out = decode(n_out)
+    def on_decode(*decode):
         if record:  # not during the warm-up
-            record[-1]["decodes"].append((sampler.batch.n, n_out, time.perf_counter() - t))
-        return out
-    sampler._decode = recorded
+            record[-1]["decodes"].append(decode)
+    _time_decodes(sampler, on_decode)
     try:
         sampler.sample_all(jobs, cfg, 10_000, 0, lambda p, c: None)  # warm-up: the context is sized to the job
         for seed in range(repeats):  # the job and the sequential peer alternate: the machine's drift hits both
