@@ -12,18 +12,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from pudl.errors import UserError
+from pudl.agreement import family_or_other, order_consistency
 from pudl.prompts import Prompt, chat_messages
-from pudl.scoring import order_consistency
 from pudl.sequences import sequence_logprobs
-from pudl.tasks import family_of, lenient_match, strict_match
-
-
-def _family(prompt_id: str) -> str:
-    try:
-        return family_of(prompt_id)
-    except UserError:
-        return "other"
+from pudl.tasks import lenient_match, strict_match
 
 
 def anchor_scores(student, tokenizer, prompts: list[Prompt], anchors: dict[str, str]) -> np.ndarray:
@@ -51,7 +43,7 @@ def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, ancho
         row = {"id": p.id, "reply": reply}
         if p.answer is not None:
             row["strict"], row["lenient"] = strict_match(reply, p.answer), lenient_match(reply, p.answer)
-            by_family[_family(p.id)].append(row["strict"])
+            by_family[family_or_other(p.id)].append(row["strict"])
         rows.append(row)
     result: dict = {"n": len(prompts)}
     judged = [r for r in rows if "strict" in r]
@@ -69,5 +61,5 @@ def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, ancho
 
 def ranker_agreement(prompts: list[Prompt], candidates: dict, scores: dict[str, dict[str, list[float]]]) -> dict:
     """How well each scorer's ranking agrees with answer correctness, overall and per task family
-    (`pudl.scoring.order_consistency`: ROC AUC lenient/strict, Spearman, best-vs-worst picks)."""
+    (`pudl.agreement.order_consistency`: ROC AUC lenient/strict, Spearman, best-vs-worst picks)."""
     return order_consistency(prompts, candidates, scores)

@@ -12,7 +12,7 @@ import sys
 from pudl.cache import Cache
 from pudl.prompts import load_prompts
 from pudl.recipe import SCORERS
-from pudl.scoring import order_consistency
+from pudl.agreement import order_consistency
 
 
 def fmt(x: float) -> str:

@@ -7,7 +7,7 @@ Every variant is a way of showing the anchor (the context the candidate is score
 candidate's per-token log-probs into one number. The per-token log-probs of each context are computed once on
 the demo's base student (SmolLM2-135M in MLX, no adapter) and every aggregation is read off them, so variants differ only in what
 they claim to differ in. Prints, per variant, the pooled ROC AUC against lenient / strict correctness, the mean
-within-group Spearman, and the lenient AUC per task family (`pudl.scoring.order_consistency`).
+within-group Spearman, and the lenient AUC per task family (`pudl.agreement.order_consistency`).
 
 `--sample RECIPE` first samples the prompts that the cache has no round-1 candidates for, with pudl's sampler
 and the recipe's [sample] settings (seed = run.seed), and stores them with the task suite's reference answers as
@@ -31,7 +31,8 @@ import numpy as np
 from pudl.cache import Cache, Candidate
 from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.prompts import Prompt, chat_messages, load_prompts
-from pudl.scoring import anchored_messages, chrf, order_consistency
+from pudl.agreement import order_consistency
+from pudl.scoring import anchored_messages, chrf
 from pudl.sequences import completion_logprobs
 
 from order_consistency import print_table  # studies/ is the script's own directory on sys.path

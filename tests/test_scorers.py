@@ -14,7 +14,8 @@ import pytest
 from pudl.cache import Candidate
 from pudl.losses import LOSSES, TrainBatch
 from pudl.prompts import Prompt
-from pudl.scoring import average_ranks, chrf, judge_scores, order_consistency, roc_auc, score_groups, spearman
+from pudl.agreement import average_ranks, order_consistency, roc_auc, spearman
+from pudl.scoring import chrf, judge_scores, score_groups
 from pudl.sequences import pack
 from tests import recipe_files
 
