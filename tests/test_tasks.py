@@ -14,8 +14,9 @@ import pytest
 
 from pudl.errors import UserError
 from pudl.prompts import Prompt, load_prompts
-from pudl.tasks import (FAMILIES, SHIPPED, family_of, lenient_match, main, normalize_reply,
-                        strict_match, task_suite, write_jsonl)
+from pudl.tasks import (FAMILIES, NEW_TASK_FAMILIES, SHIPPED, SPLITS, SPLITS_FILE, family_of, heldout_split,
+                        heldout_suite, lenient_match, main, normalize_reply, questions, split_of, strict_match,
+                        task_suite, wordings, write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data"
@@ -177,10 +178,10 @@ def test_shipped_files_equal_generator_output(split, tmp_path):
 
 def test_write_entry_point(tmp_path, capsys):
     main(["--write", str(tmp_path / "out")])
-    for split in ("train", "eval"):
-        name = f"tasks-{split}.jsonl"
+    for name in ("tasks-train.jsonl", "tasks-eval.jsonl", SPLITS_FILE):
         assert (tmp_path / "out" / name).read_bytes() == (DATA / name).read_bytes()
-    assert "train: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train: " in out and "held-out new-task: 40 items" in out
 
 
 def test_write_jsonl_rows(tmp_path):
@@ -188,3 +189,137 @@ def test_write_jsonl_rows(tmp_path):
     write_jsonl([Prompt(id="a-001", prompt="Q? Reply with one word.", answer="Yes")], path)
     assert [json.loads(l) for l in path.read_text().splitlines()] == [
         {"id": "a-001", "prompt": "Q? Reply with one word.", "answer": "Yes"}]
+
+
+# held-out splits ----------------------------------------------------------------------------------
+SPLIT_ITEMS = {s: heldout_split(s) for s in SPLITS}
+TRAINING_TEXT = [p.prompt for p in TRAIN]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """A template ("What is {} plus {}?") as a regex matching the start of a prompt built from it."""
+    parts = re.split(r"\{[^}]*\}", template)
+    return re.compile(".+?".join(map(re.escape, parts)))
+
+
+def test_split_ids_sizes_and_order():
+    assert [len(v) for v in SPLIT_ITEMS.values()] == [40, 40, 40]
+    assert heldout_suite() == [p for s in SPLITS for p in SPLIT_ITEMS[s]]
+    for split, items in SPLIT_ITEMS.items():
+        assert all(split_of(p.id) == split for p in items)
+        assert all(re.fullmatch(rf"{split}/[a-z]+-\d{{3}}", p.id) for p in items)
+        assert all(re.fullmatch(r"[A-Za-z]+|\d+", p.answer) for p in items)
+    new_task = Counter(family_of(p.id) for p in SPLIT_ITEMS["new-task"])
+    assert new_task == {f: 10 for f in NEW_TASK_FAMILIES} and not set(NEW_TASK_FAMILIES) & set(FAMILIES)
+    ids = [p.id for p in heldout_suite()]
+    assert len(ids) == len(set(ids))
+    with pytest.raises(UserError, match="unknown held-out split"):
+        heldout_split("eval")
+
+
+def test_in_distribution_is_the_shipped_eval_file():
+    shipped = load_prompts(DATA / "tasks-eval.jsonl")
+    assert [(f"in-distribution/{p.id}", p.prompt, p.answer) for p in shipped] == [
+        (p.id, p.prompt, p.answer) for p in SPLIT_ITEMS["in-distribution"]]
+
+
+def test_new_wording_asks_the_same_facts_in_unseen_words():
+    twins = dict(zip((p.id.partition("/")[2] for p in SPLIT_ITEMS["in-distribution"]), SPLIT_ITEMS["in-distribution"]))
+    used = set()
+    for p in SPLIT_ITEMS["new-wording"]:
+        twin = twins[p.id.partition("/")[2]]  # the same number: the same fact
+        family = family_of(p.id)
+        assert p.answer == twin.answer and family == family_of(twin.id) and p.prompt != twin.prompt
+        train_words, eval_words = wordings(family)
+        train_questions, eval_questions = questions(family)
+        (instruction,) = [w for w in eval_words if p.prompt.endswith(" " + w)]
+        used.add(instruction)
+        assert not any(w in p.prompt for w in train_words), p
+        assert not any(_template_regex(q).match(p.prompt) for q in train_questions), p
+        assert any(_template_regex(q).match(p.prompt) for q in eval_questions), p
+        # the fact itself is in the prompt: the country, the word, the numbers of the in-distribution twin
+        fact = set(re.findall(r"\d+|[A-Z][a-z]+|'[a-z-]+'", twin.prompt)) - set(re.findall(r"[A-Z][a-z]+", " ".join(
+            train_words + train_questions)))
+        assert all(f.strip("'") in p.prompt for f in fact), (p, fact)
+    assert len(used) >= 24  # the split shows many different instructions, not a few
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wordings_training_and_evaluation_only(family):
+    train_words, eval_words = wordings(family)
+    train_questions, eval_questions = questions(family)
+    assert len(set(train_words)) + len(set(eval_words)) >= 12 and len(set(eval_words)) >= 8
+    assert not set(train_words) & set(eval_words) and not set(train_questions) & set(eval_questions)
+    every_prompt = [p.prompt for p in TRAIN + EVAL]
+    for w in eval_words:  # never seen in training (nor in today's eval split)
+        assert not any(w in text for text in every_prompt), w
+    for q in eval_questions:
+        assert not any(_template_regex(q).match(text) for text in every_prompt), q
+    for p in TRAIN:  # the training split uses training wordings only
+        if family_of(p.id) == family:
+            assert any(p.prompt.endswith(" " + w) for w in set(train_words) & set(INSTRUCTIONS)), p
+            assert any(_template_regex(q).match(p.prompt) for q in train_questions), p
+
+
+def test_evaluation_only_wordings_name_the_kind_of_answer():
+    kinds = {"capitals": "Name the city.", "arithmetic": "State the result as a numeral.",
+             "units": "State the amount as a numeral.", "antonyms": "Name the opposite.", "format": "Name it."}
+    for family, wording in kinds.items():
+        assert wording in wordings(family)[1]
+    with pytest.raises(UserError, match="unknown task family"):
+        wordings("plurals")
+
+
+PLURALS = {"mouse": "mice", "child": "children", "foot": "feet", "tooth": "teeth", "goose": "geese",
+           "leaf": "leaves", "knife": "knives", "city": "cities", "box": "boxes", "baby": "babies"}
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+MONTHS = ("January February March April May June July August September October November December").split()
+
+
+def test_new_task_answers_and_training_instructions():
+    capitals = {p.answer: re.search(r"capital (?:city )?of (.+?)[?.]", p.prompt)[1]
+                for p in TRAIN + EVAL if family_of(p.id) == "capitals"}
+    for p in SPLIT_ITEMS["new-task"]:
+        family = family_of(p.id)
+        assert any(p.prompt.endswith(" " + i) for i in INSTRUCTIONS), p  # only the task is new, not the wording
+        assert p.prompt not in TRAINING_TEXT
+        if family == "multiplication":
+            a, b = map(int, re.findall(r"\d+", p.prompt))
+            assert int(p.answer) == a * b and min(a, b) <= 9, p
+        elif family == "previous":
+            names = DAYS if " day " in p.prompt else MONTHS
+            (name,) = [n for n in names if n in p.prompt]
+            assert " before " in p.prompt and p.answer == names[names.index(name) - 1], p
+        elif family == "plurals":
+            (word,) = re.findall(r"'(\w+)'", p.prompt)
+            assert p.answer == PLURALS[word], p
+        else:
+            (capital,) = [c for c in capitals if re.search(rf"\b{c}\b", p.prompt)]
+            assert capitals[capital] == p.answer, p
+    assert {p.answer for p in SPLIT_ITEMS["new-task"] if family_of(p.id) == "previous"} >= {"December", "Sunday"}
+
+
+def test_split_of_and_family_of_with_prefixes():
+    assert split_of("new-task/plurals-003") == "new-task" and family_of("new-task/plurals-003") == "plurals"
+    assert split_of("new-wording/capitals-032") == "new-wording"
+    assert family_of("in-distribution/capitals-032") == "capitals"
+    for plain in ("capitals-032", "line3", "other/capitals-001", "/capitals-001", ""):
+        assert split_of(plain) is None
+    for bad in ("other/capitals-001", "new-task/", "new-task/cities-001", "capitals-", "capitals-x1"):
+        with pytest.raises(UserError):
+            family_of(bad)
+
+
+def test_shipped_splits_file_equals_generator_output(tmp_path):
+    shipped = DATA / SPLITS_FILE
+    assert load_prompts(shipped) == heldout_suite()
+    write_jsonl(heldout_suite(), tmp_path / "x.jsonl")
+    assert shipped.read_bytes() == (tmp_path / "x.jsonl").read_bytes()
+
+
+def test_splits_deterministic_across_processes():
+    code = ("import json; from pudl.tasks import heldout_suite; "
+            "print(json.dumps([[p.id, p.prompt, p.answer] for p in heldout_suite()]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "4242"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [[p.id, p.prompt, p.answer] for p in heldout_suite()]
