@@ -3,7 +3,10 @@
 - strict / lenient accuracy: the task suite's definitions (`pudl.tasks`), on prompts that carry an answer;
 - anchor_score: mean per-token log-prob the student gives the anchor (the labelled positive) after the
   prompt: how much the policy has moved toward the teacher's answer. The anchor is the cached teacher
-  anchor when there is one, else the prompt's reference answer.
+  anchor when there is one, else the prompt's reference answer;
+- splits: the same accuracies per held-out split, for prompts whose id names one (`pudl.tasks.split_of`:
+  "new-wording/capitals-032"); absent when none does;
+- `retention(before, after)`: of what the base student answered right, the share the trained one still does.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from collections import defaultdict
 import numpy as np
 
 from pudl.agreement import family_or_other, order_consistency
+from pudl.errors import UserError
 from pudl.prompts import Prompt, chat_messages
 from pudl.sequences import sequence_logprobs
-from pudl.tasks import lenient_match, strict_match
+from pudl.tasks import SPLITS, lenient_match, split_of, strict_match
 
 
 def anchor_scores(student, tokenizer, prompts: list[Prompt], anchors: dict[str, str]) -> np.ndarray:
@@ -37,26 +41,77 @@ def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, ancho
 
     # All prompts in one batched generation (greedy: the seed draws nothing).
     sampler.generate([(p, 0) for p in prompts], 1, 0.0, max_tokens, 0, 1.0, 0.0, done)
-    rows, by_family = [], defaultdict(list)
+    rows = []
     for p in prompts:
         reply = replies[p.id]
         row = {"id": p.id, "reply": reply}
         if p.answer is not None:
             row["strict"], row["lenient"] = strict_match(reply, p.answer), lenient_match(reply, p.answer)
-            by_family[family_or_other(p.id)].append(row["strict"])
         rows.append(row)
-    result: dict = {"n": len(prompts)}
-    judged = [r for r in rows if "strict" in r]
-    if judged:
-        result["strict_accuracy"] = float(np.mean([r["strict"] for r in judged]))
-        result["lenient_accuracy"] = float(np.mean([r["lenient"] for r in judged]))
-        result["strict_by_family"] = {f: float(np.mean(v)) for f, v in sorted(by_family.items())}
+    result = _accuracies(rows)
+    splits = split_accuracies(rows)
+    if splits:
+        result["splits"] = splits
     anchors = {**{p.id: p.answer for p in prompts if p.answer is not None}, **(anchors or {})}
     with_anchor = [p for p in prompts if p.id in anchors]
     if student is not None and with_anchor:
         result["anchor_score"] = float(np.mean(anchor_scores(student, tokenizer, with_anchor, anchors)))
     result["replies"] = rows
     return result
+
+
+def _accuracies(rows: list[dict]) -> dict:
+    """n, and strict / lenient accuracy and strict accuracy per family over the rows that carry a verdict."""
+    out: dict = {"n": len(rows)}
+    judged = [r for r in rows if "strict" in r]
+    if judged:
+        by_family = defaultdict(list)
+        for r in judged:
+            by_family[family_or_other(r["id"])].append(r["strict"])
+        out["strict_accuracy"] = float(np.mean([r["strict"] for r in judged]))
+        out["lenient_accuracy"] = float(np.mean([r["lenient"] for r in judged]))
+        out["strict_by_family"] = {f: float(np.mean(v)) for f, v in sorted(by_family.items())}
+    return out
+
+
+def split_accuracies(rows: list[dict]) -> dict:
+    """Per held-out split named in the reply rows' ids, in `SPLITS` order: n and accuracies; {} when none."""
+    by_split = defaultdict(list)
+    for r in rows:
+        split = split_of(r["id"])
+        if split is not None:
+            by_split[split].append(r)
+    return {s: _accuracies(by_split[s]) for s in SPLITS if s in by_split}
+
+
+def _lenient_by_id(result: dict, which: str) -> dict[str, bool]:
+    """Reply id -> lenient verdict, for the rows of an evaluation that carry one."""
+    rows = result.get("replies") if isinstance(result, dict) else None
+    if not isinstance(rows, list):
+        raise UserError(f"retention: the {which} evaluation has no replies (an eval-{which}.json holds them)")
+    return {r["id"]: bool(r["lenient"]) for r in rows if "lenient" in r}
+
+
+def retention(before: dict, after: dict) -> dict:
+    """Overall and per held-out split: of the prompts the base student answered leniently right (`before`),
+    how many the trained student still does (`after`). Each entry: {"right_before", "kept", "retention"};
+    retention is kept / right_before, None when the base got none right (JSON null, never NaN)."""
+    base, now = _lenient_by_id(before, "before"), _lenient_by_id(after, "after")
+    missing = [pid for pid in base if pid not in now]
+    if missing:
+        raise UserError(f"retention: {len(missing)} prompt(s) evaluated before training were not evaluated after "
+                        f"(first: {missing[0]}); evaluate both on the same prompts")
+    groups: dict[str, list[str]] = {"overall": list(base)}
+    for split in SPLITS:
+        ids = [pid for pid in base if split_of(pid) == split]
+        if ids:
+            groups[split] = ids
+    out = {}
+    for name, ids in groups.items():
+        was = [pid for pid in ids if base[pid]]
+        kept = sum(now[pid] for pid in was)
+        out[name] = {"right_before": len(was), "kept": kept, "retention": kept / len(was) if was else None}
+    return out
 
 
 def ranker_agreement(prompts: list[Prompt], candidates: dict, scores: dict[str, dict[str, list[float]]]) -> dict:

@@ -367,6 +367,62 @@ def _round_rows(per_round: list[dict]) -> tuple[list[str], list[list]]:
     return header, rows
 
 
+def _split_rows(evals: dict) -> list[list] | None:
+    """One row per held-out split (and one for all prompts): before/after strict and lenient accuracy and
+    retention; None when neither evaluation reports splits."""
+    from pudl.tasks import SPLITS
+
+    before, after = evals.get("before") or {}, evals.get("after") or {}
+    present = [s for s in SPLITS if s in (before.get("splits") or {}) or s in (after.get("splits") or {})]
+    if not present:
+        return None
+    kept = _retention(before, after)
+    by_b, by_a = before.get("splits") or {}, after.get("splits") or {}
+    groups = [(s, by_b.get(s) or {}, by_a.get(s) or {}, kept.get(s)) for s in present]
+    return [_split_row(*g) for g in groups + [("all", before, after, kept.get("overall"))]]
+
+
+def _split_row(name: str, b: dict, a: dict, kept: dict | None) -> list:
+    """split, n, strict before/after, lenient before/after, retention, kept / right before."""
+    kept = kept or {}
+    return [name, b.get("n", a.get("n")), _float(b.get("strict_accuracy")), _float(a.get("strict_accuracy")),
+            _float(b.get("lenient_accuracy")), _float(a.get("lenient_accuracy")), _float(kept.get("retention")),
+            f"{kept['kept']} / {kept['right_before']}" if kept else None]
+
+
+def _retention(before: dict, after: dict) -> dict:
+    """`pudl.evaluate.retention` when both evaluations hold replies of the same prompts, else {}."""
+    if not before.get("replies") or not after.get("replies"):
+        return {}
+    from pudl.evaluate import retention
+
+    try:
+        return retention(before, after)
+    except UserError:
+        return {}
+
+
+def _float(v) -> float:
+    """A number for a table cell; a missing one shows as a dash."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+SPLIT_HEADER = ["split", "n", "strict before", "strict after", "lenient before", "lenient after", "retention",
+                "kept / right before"]
+
+
+def _splits(evals: dict) -> list[str]:
+    """The held-out splits section (heading, note, table), or nothing when no split is reported."""
+    rows = _split_rows(evals)
+    if rows is None:
+        return []
+    note = ("Held-out prompts by split (ids <split>/<family>-<n>): in-distribution = new facts in the training "
+            "wordings, new-wording = the same facts asked in wordings training never used, new-task = operations "
+            "training never shows. Retention: of the prompts the base model answered right (lenient), the share "
+            "the final adapter still answers right.")
+    return ["<h2>Held-out splits</h2>", f"<p class='sub'>{html.escape(note)}</p>", _table(SPLIT_HEADER, rows)]
+
+
 def _replies(evals: dict) -> str:
     before = {r["id"]: r for r in (evals.get("before") or {}).get("replies", [])}
     after = {r["id"]: r for r in (evals.get("after") or {}).get("replies", [])}
@@ -402,6 +458,7 @@ def render_html(data: RunData) -> str:
         "Evaluated once before training (the base model) and once after the last round (its adapter); greedy "
         "replies, strict = exact answer, lenient = the answer appears as a word.",
         "No held-out evaluation (set data.eval to prompts with answers).")]
+    parts += _splits(data.evals)
     parts += ["<h2>Self-ranking scores</h2>", _image(
         plot_scores(data), "score distributions per round",
         "Anchor-conditioned self-ranking scores of the sampled candidates per round"

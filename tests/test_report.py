@@ -108,6 +108,7 @@ def test_run_writes_report_that_chromium_renders(tiny_run):
     page = (run / "report.html").read_text()
     assert len(images(page)) == 3  # training, accuracy, scores; the ranker has nothing to agree with yet
     assert "No agreement figures" in page
+    assert "Held-out splits" not in page  # eval ids without a split prefix
     resolved = load_recipe(run / "recipe.toml")  # the resolved recipe the report shows, loadable as is
     assert dataclasses.replace(resolved, path="") == dataclasses.replace(load_recipe(recipe), path="")
 
@@ -209,3 +210,49 @@ def test_cache_ls_and_show(tiny_run, monkeypatch):
         out = cli(*args)
         assert out.exit_code == 2 and needle in out.output, out.output
     assert not (run.parent / "cache.sqlite").exists()  # looking never creates a cache
+
+
+def html_rows(table: str) -> list[list[str]]:
+    """The cells of each row of an HTML table, tags removed."""
+    return [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", tr)]
+            for tr in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+def test_report_shows_held_out_splits_side_by_side(tmp_path):
+    from pudl.html_report import write_report
+
+    def rows(verdicts: dict[str, tuple[bool, bool]]) -> list[dict]:
+        return [{"id": pid, "reply": "r", "strict": s, "lenient": le} for pid, (s, le) in verdicts.items()]
+
+    before = rows({"in-distribution/capitals-032": (False, True), "in-distribution/units-048": (False, False),
+                   "new-wording/capitals-032": (False, True), "new-wording/units-048": (False, True),
+                   "new-task/plurals-000": (False, False)})
+    after = rows({"in-distribution/capitals-032": (True, True), "in-distribution/units-048": (True, True),
+                  "new-wording/capitals-032": (False, False), "new-wording/units-048": (True, True),
+                  "new-task/plurals-000": (True, True)})
+    evals = {
+        "before": {"n": 5, "strict_accuracy": 0.0, "lenient_accuracy": 0.6, "replies": before,
+                   "splits": {"in-distribution": {"n": 2, "strict_accuracy": 0.0, "lenient_accuracy": 0.5},
+                              "new-wording": {"n": 2, "strict_accuracy": 0.0, "lenient_accuracy": 1.0},
+                              "new-task": {"n": 1, "strict_accuracy": 0.0, "lenient_accuracy": 0.0}}},
+        "after": {"n": 5, "strict_accuracy": 0.8, "lenient_accuracy": 0.8, "replies": after,
+                  "splits": {"in-distribution": {"n": 2, "strict_accuracy": 1.0, "lenient_accuracy": 1.0},
+                             "new-wording": {"n": 2, "strict_accuracy": 0.5, "lenient_accuracy": 0.5},
+                             "new-task": {"n": 1, "strict_accuracy": 1.0, "lenient_accuracy": 1.0}}}}
+    (tmp_path / "summary.json").write_text(json.dumps({"recipe": "r.toml"}))
+    for name, e in evals.items():
+        (tmp_path / f"eval-{name}.json").write_text(json.dumps(e))
+    page = write_report(tmp_path).read_text()
+    section = page.split("<h2>Held-out splits</h2>")[1].split("<h2>")[0]
+    assert html_rows(section) == [
+        ["split", "n", "strict before", "strict after", "lenient before", "lenient after", "retention",
+         "kept / right before"],
+        ["in-distribution", "2", "0.000", "1.000", "0.500", "1.000", "1.000", "1 / 1"],
+        ["new-wording", "2", "0.000", "0.500", "1.000", "0.500", "0.500", "1 / 2"],
+        ["new-task", "1", "0.000", "1.000", "0.000", "1.000", "—", "0 / 0"],  # the base knew none: no share
+        ["all", "5", "0.000", "0.800", "0.600", "0.800", "0.667", "2 / 3"]]
+
+    # Only the before evaluation (a run still going): its figures, dashes for the rest.
+    (tmp_path / "eval-after.json").unlink()
+    section = write_report(tmp_path).read_text().split("<h2>Held-out splits</h2>")[1].split("<h2>")[0]
+    assert html_rows(section)[2] == ["new-wording", "2", "0.000", "—", "1.000", "—", "—", ""]
