@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from pudl.bench import common
+from pudl.cache import Cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "demo.toml"
@@ -139,9 +139,11 @@ def read_run(out: Path) -> dict:
 
 
 def _generated_tokens(cache_path: Path) -> int:
-    with sqlite3.connect(cache_path) as db:
-        (n,) = db.execute("SELECT COALESCE(SUM(LENGTH(token_ids)), 0) / 4 FROM candidates").fetchone()  # int32
-    return int(n)
+    cache = Cache.open_read_only(cache_path)
+    try:
+        return cache.generated_tokens()
+    finally:
+        cache.close()
 
 
 def _metrics(path: Path) -> list[dict]:

@@ -105,6 +105,7 @@ def _peer(peer: str, n_prompts: int, k: int, max_tokens: int, threads: int) -> d
     tok = Tokenizer(path)
     start = time.perf_counter()
     if peer == "pudl":
+        from pudl.domain import SamplingParams
         from pudl.sampler import Sampler
 
         import llama_cpp
@@ -114,7 +115,8 @@ def _peer(peer: str, n_prompts: int, k: int, max_tokens: int, threads: int) -> d
 
         def generate(ps, seed):
             counts = []
-            sampler.sample_all(ps, cfg, seed, 0, lambda p, cands: counts.extend(len(c.token_ids) for c in cands))
+            sampler.sample_all(ps, SamplingParams.of(cfg), seed, 0,
+                               lambda p, cands: counts.extend(len(c.token_ids) for c in cands))
             return sum(counts)
     elif peer == "sequential":
         from pudl.llamacpp import open_llama
@@ -169,10 +171,10 @@ class _MlxTokenizer:
     """What mlx-lm's batch_generate asks of a tokenizer: the stop ids and decode."""
 
     def __init__(self, tok):
-        from pudl.sampler import _end_of_generation_ids
+        from pudl.sampling import end_of_generation_ids
 
         self.tok = tok
-        self.eos_token_ids = _end_of_generation_ids(tok.llm.model, tok)
+        self.eos_token_ids = end_of_generation_ids(tok.llm.model, tok)
 
     def decode(self, ids):
         return self.tok.decode(ids)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pudl.bench import common
+from pudl.domain import SamplingParams
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1")
 
@@ -45,18 +46,6 @@ def _requantized(path: Path, kind: str, directory: Path) -> Path:
     return out
 
 
-def _time_decodes(sampler, sink):
-    """Wrap `sampler._decode`: each decode reports (tokens in the batch, logits rows out, seconds) to `sink`."""
-    decode = sampler._decode
-
-    def timed(n_out):
-        t = time.perf_counter()
-        out = decode(n_out)
-        sink(sampler.batch.n, n_out, time.perf_counter() - t)
-        return out
-    sampler._decode = timed
-
-
 def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, types=TYPES, threads: int = 0,
         measure: bool = True) -> dict:
     """Sample the job with each weight type; `measure`: time the machine's sgemm too (off for smoke tests)."""
@@ -70,7 +59,7 @@ def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, ty
     path = resolve_model_path("smollm2-135m")
     tok = Tokenizer(path)
     jobs = load_prompts(TASKS)[:prompts]
-    cfg, greedy = SampleConfig(k=k, max_tokens=max_tokens), SampleConfig(k=1, max_tokens=max_tokens, temperature=0.0)
+    cfg, greedy = SamplingParams.of(SampleConfig(k=k, max_tokens=max_tokens)), SamplingParams.greedy(max_tokens)
     threads = threads or os.cpu_count()
     result = {"prompts": prompts, "k": k, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
               "machine": common.machine(measure), "tok_s": {}, "greedy_vs_f32": {}}
@@ -83,7 +72,7 @@ def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, ty
             else:
                 sampler = Sampler(_requantized(path, kind, Path(tmp)), tok, threads=threads, float_weights=False)
             if kind == "f32":
-                _time_decodes(sampler, lambda n, n_out, seconds: steps.append((n, seconds)))
+                sampler.on_decode = lambda n, n_out, seconds: steps.append((n, seconds))
             rates = []
             for r in range(repeats):
                 counts = []
@@ -139,13 +128,13 @@ def scan(tokens=(1, 8, 16, 32, 64), cells=(256, 1024, 2700), sequences: int = 64
             for c in cells:
                 per = c // sequences
                 # Room for the step's token: one more cell per sequence (a stream's size, or n_ctx in all).
-                sampler._context(sequences, layout == "streams",
+                sampler.prepare(sequences, layout == "streams",
                                  per + 1 if layout == "streams" else (per + 1) * sequences, 512)
                 batch = sampler.batch
                 for q in range(sequences):
                     batch.clear()
                     batch.add(rng.integers(100, 40000, per).tolist(), 0, q, False)
-                    sampler._decode(0)
+                    sampler.decode(0)
 
                 def step_ms(ids, per=per, batch=batch):
                     best = float("inf")
@@ -154,7 +143,7 @@ def scan(tokens=(1, 8, 16, 32, 64), cells=(256, 1024, 2700), sequences: int = 64
                         for q in ids:
                             batch.add([1000 + q], per, q, True)
                         t = time.perf_counter()
-                        sampler._decode(len(ids))
+                        sampler.decode(len(ids))
                         best = min(best, time.perf_counter() - t)
                         for q in ids:
                             llama_cpp.llama_memory_seq_rm(sampler.memory, q, per, -1)
@@ -184,7 +173,7 @@ def layouts(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3
     path = resolve_model_path("smollm2-135m")
     tok = Tokenizer(path)
     jobs = load_prompts(TASKS)[:prompts]
-    cfg = SampleConfig(k=k, max_tokens=max_tokens)
+    cfg = SamplingParams.of(SampleConfig(k=k, max_tokens=max_tokens))
     threads = threads or os.cpu_count()
     names = ("unified", "streams", "auto")
     samplers = {name: Sampler(path, tok, threads=threads, kv_cache=name) for name in names}
@@ -232,7 +221,7 @@ def floor(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, 
     path = resolve_model_path("smollm2-135m")
     tok = Tokenizer(path)
     jobs = load_prompts(TASKS)[:prompts]
-    cfg = SampleConfig(k=k, max_tokens=max_tokens)
+    cfg = SamplingParams.of(SampleConfig(k=k, max_tokens=max_tokens))
     threads = threads or os.cpu_count()
     result = {"prompts": prompts, "k": k, "max_tokens": max_tokens, "repeats": repeats, "threads": threads,
               "machine": common.machine(measure)}
@@ -242,7 +231,7 @@ def floor(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, 
     def on_decode(*decode):
         if record:  # not during the warm-up
             record[-1]["decodes"].append(decode)
-    _time_decodes(sampler, on_decode)
+    sampler.on_decode = on_decode
     try:
         sampler.sample_all(jobs, cfg, 10_000, 0, lambda p, c: None)  # warm-up: the context is sized to the job
         for seed in range(repeats):  # the job and the sequential peer alternate: the machine's drift hits both
@@ -276,7 +265,7 @@ def floor(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, 
             for i in range(n - n_out, n):
                 s.batch.add([ids[i]], i, 0, True)
         t = time.perf_counter()
-        s._decode(n_out)
+        s.decode(n_out)
         seconds = time.perf_counter() - t
         llama_cpp.llama_memory_clear(s.memory, False)
         return seconds
@@ -288,7 +277,7 @@ def floor(prompts: int = 8, k: int = 4, max_tokens: int = 32, repeats: int = 3, 
                 weights = path if kind in ("f32", "q4_1") else _requantized(path, kind, Path(tmp))
                 samplers[kind] = Sampler(weights, tok, threads=threads, float_weights=kind == "f32",
                                          kv_cache="unified")
-                samplers[kind]._context(n_seq, False, 512, largest)
+                samplers[kind].prepare(n_seq, False, 512, largest)
             seconds = {kind: [0.0] * len(record) for kind in types}
             for i, job in enumerate(record):
                 for n, n_out, _ in job["decodes"]:  # each decode: the types in rotating order, best of repeats

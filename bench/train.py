@@ -188,7 +188,7 @@ def _peer(peer: str, work: Path, threads: int, profile: bool) -> dict:
 def _pudl(pairs: list[dict], work: Path, threads: int, weights: str = "auto", recompute: bool = True):
     import numpy as np
 
-    from pudl.cache import ANCHOR_IDX, Candidate, Pair
+    from pudl.domain import ANCHOR_IDX, Candidate, Pair
     from pudl.losses import LOSSES
     from pudl.models import Tokenizer, load_student, resolve_model_path
     from pudl.prefs import Completions, dpo_batches

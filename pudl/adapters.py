@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from pudl.errors import UserError
-from pudl.train import atomic_save
+from pudl.atomic_files import atomic_save
 
 
 def save_adapter(student, path: Path):

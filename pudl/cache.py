@@ -12,11 +12,11 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pudl.domain import ANCHOR_IDX, Candidate, Pair
 from pudl.errors import UserError, write_failed
 
 SCHEMA_VERSION = 1
@@ -53,35 +53,10 @@ CREATE TABLE IF NOT EXISTS stages (
   PRIMARY KEY (round, stage));
 """
 
-ANCHOR_IDX = -1  # chosen_idx of a pair whose chosen side is the anchor
-ANCHOR_BEHAVIOUR_IDX = -2  # references_ row: the anchor's log-probs under the policy that sampled the round
 STAGES = ("sample", "score", "prefs", "train")
 STAGE_TABLES = {"sample": ("candidates",), "score": ("scores", "groups"), "prefs": ("pairs", "references_"),
                 "train": ()}
 ROUND_TABLES = ("candidates", "scores", "groups", "pairs", "references_", "stages")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One sampled completion: its text, the sampler's token ids and per-token log-probs."""
-
-    prompt_id: str
-    idx: int
-    text: str
-    token_ids: np.ndarray  # int32 [n]
-    logprobs: np.ndarray  # float32 [n]
-    finish: str  # "stop" | "length"
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt_id: str
-    kind: str
-    chosen_idx: int  # ANCHOR_IDX for the anchor
-    rejected_idx: int
-    margin: float | None  # score gap; None when the chosen side is the anchor (it is not scored)
-    ref_chosen: float | None = None
-    ref_rejected: float | None = None
 
 
 class Cache:
@@ -275,17 +250,19 @@ class Cache:
 
     # pairs ---------------------------------------------------------------------------------------
     def put_pairs(self, round_: int, pairs: list[Pair]):
+        # ref_chosen / ref_rejected stay in the schema (caches written before keep their values) but are no
+        # longer filled: the trainer sums the per-token references of the references_ table itself.
         with self._write():
             self.db.executemany(
-                "INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(round_, p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin, p.ref_chosen, p.ref_rejected)
-                 for p in pairs],
+                "INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                [(round_, p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin) for p in pairs],
             )
 
     def pairs(self, round_: int) -> list[Pair]:
+        """The round's pairs in `pair_order`."""
         rows = self.db.execute(
-            "SELECT prompt_id, kind, chosen_idx, rejected_idx, margin, ref_chosen, ref_rejected FROM pairs "
-            "WHERE round=? ORDER BY prompt_id, kind", (round_,))
+            "SELECT prompt_id, kind, chosen_idx, rejected_idx, margin FROM pairs WHERE round=? ORDER BY prompt_id, kind",
+            (round_,))
         return [Pair(*r) for r in rows]
 
     # reference log-probs (adapter disabled), per completion token; idx ANCHOR_IDX = the anchor ----------
@@ -299,6 +276,16 @@ class Cache:
     def references(self, round_: int) -> dict[tuple[str, int], np.ndarray]:
         rows = self.db.execute("SELECT prompt_id, idx, token_logps FROM references_ WHERE round=?", (round_,))
         return {(pid, idx): np.frombuffer(blob, np.float32) for pid, idx, blob in rows}
+
+    def generated_tokens(self) -> int:
+        """Candidate tokens sampled over all rounds (token ids are stored as int32)."""
+        (n,) = self.db.execute("SELECT COALESCE(SUM(LENGTH(token_ids)), 0) / 4 FROM candidates").fetchone()
+        return int(n)
+
+    def copy_to(self, path: str | Path):
+        """A consistent copy of this cache at `path` (SQLite's online backup: safe with a WAL in use)."""
+        with contextlib.closing(sqlite3.connect(path)) as dst:
+            self.db.backup(dst)
 
     # summaries -----------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -349,6 +336,12 @@ class Cache:
 
     def scorers(self, round_: int) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT scorer FROM scores WHERE round=? ORDER BY 1", (round_,))]
+
+
+def pair_order(pairs: list[Pair]) -> list[Pair]:
+    """Pairs in the order the cache returns them (by prompt id, then kind): the seeded shuffle of the training
+    batches sees the same list whether a round's pairs were just made or read back by a resumed run."""
+    return sorted(pairs, key=lambda p: (p.prompt_id, p.kind))
 
 
 def fingerprint(*parts) -> str:

@@ -6,7 +6,6 @@ Reads go through pudl.cache (Cache.open_read_only): this module speaks no SQL an
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
@@ -14,20 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pudl.cli_errors import user_errors
+from pudl.pairs_export import export_command
+
 TEXT_CHARS = 240  # a candidate's text is cut to this many characters in `show`
-
-
-def _user_errors(fn):
-    """pudl.cli's handling (a UserError is one red line, exit 2), looked up when called: pudl.cli imports
-    this module, so it cannot import pudl.cli while loading."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pudl.cli import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _open(run_dir: str):
@@ -43,7 +32,7 @@ def cache():
 
 @cache.command("ls")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@_user_errors
+@user_errors
 def ls(run_dir):
     """Rounds of RUN_DIR's cache with their counts and stage states.
 
@@ -107,12 +96,12 @@ def _cut(text: str) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many prompts to show (ignored with --prompt).")
 @click.option("--scorer", help="Self-ranking score to order by (default: anchor-likelihood, else the first cached).")
-@_user_errors
+@user_errors
 def show(run_dir, round_, prompt_id, limit, scorer):
     """Ranked candidates of some prompts of RUN_DIR: score, rank, text, and correct? where the prompt has an
     answer (✓ strict, ~ lenient only, ✗ neither). The anchor (the teacher's answer) is listed with its score.
     """
-    from pudl.cache import ANCHOR_IDX
+    from pudl.domain import ANCHOR_IDX
     from pudl.errors import UserError
 
     db = _open(run_dir)
@@ -160,10 +149,4 @@ def show(run_dir, round_, prompt_id, limit, scorer):
         console.print(table)
 
 
-def _add_export():
-    from pudl.pairs_export import export_command  # `pudl cache export` lives with its writer
-
-    cache.add_command(export_command)
-
-
-_add_export()
+cache.add_command(export_command)  # `pudl cache export` lives with its writer

@@ -6,46 +6,16 @@ get the fast BLAS without doing anything (the process re-executes itself with Op
 
 from __future__ import annotations
 
-import errno
-import functools
-import json
 import signal
-import sys
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
-from pudl.errors import UserError, write_failed
-
-err_console = Console(stderr=True)
-
-
-def user_errors(fn):
-    """Print UserError (and a full disk) as one red line and exit 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            # escape: a path or a server's reply may hold [brackets] that rich would take for markup
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            sys.exit(2)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise
-            # writers that do not name their file (logs, JSON): shutil puts the destination in filename2
-            where = e.filename2 or e.filename or "a file in the run directory"
-            err_console.print(f"[bold red]error:[/] {escape(write_failed(where, e))}", highlight=False,
-                              soft_wrap=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted: everything finished so far is in the cache; rerun to resume")
-            sys.exit(130)
-
-    return wrapper
-
+from pudl.atomic_files import dumps
+from pudl.cache_cli import cache
+from pudl.cli_errors import err_console, user_errors
+from pudl.errors import UserError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pudl")
@@ -141,38 +111,28 @@ def eval_(recipe, adapter, prompts, as_json):
     """
     from pathlib import Path
 
-    from pudl.adapters import read_gguf_lora
     from pudl.evaluate import evaluate
-    from pudl.models import Tokenizer, load_student, resolve_model_path
     from pudl.prompts import load_prompts
     from pudl.recipe import load_recipe
     from pudl.report import Reporter
-    from pudl.sampler import Sampler
+    from pudl.runtime import Runtime
 
     r = load_recipe(recipe)
     path = prompts or r.data.eval or r.data.prompts
     items = load_prompts(path)
-    model_path = resolve_model_path(r.student.model, r.student.quant)
-    tokenizer = Tokenizer(model_path)
     adapter_path = Path(adapter) if adapter else None
     if adapter_path and not adapter_path.is_file():
         raise UserError(f"--adapter: file not found: {adapter_path}")
-    student = None
-    if adapter_path:
-        lora = read_gguf_lora(adapter_path)
-        student = load_student(model_path, lora.rank, lora.alpha, lora.targets, weights=r.student.weights)
-        student.load_lora_state(lora.state)
-    else:
-        student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets, weights=r.student.weights)
-    sampler = Sampler(model_path, tokenizer, adapter_path, n_ctx=r.student.n_ctx, threads=r.student.threads)
+    runtime = Runtime(r)
+    student = runtime.load_gguf_adapter(adapter_path) if adapter_path else runtime.student
     rep = Reporter(None, err_console, quiet=as_json)
-    with rep.phase("eval", len(items)) as advance:
-        result = evaluate(items, sampler, student, tokenizer, max_tokens=r.eval.max_tokens, on_prompt=lambda p: advance())
-    sampler.close()
+    with runtime.sampler(adapter_path) as sampler, rep.phase("eval", len(items)) as advance:
+        result = evaluate(items, sampler, student, runtime.tokenizer, max_tokens=r.eval.max_tokens,
+                          on_prompt=lambda p: advance())
     result["prompts"] = str(path)
     result["adapter"] = str(adapter_path) if adapter_path else None
     if as_json:
-        click.echo(json.dumps({k: v for k, v in result.items() if k != "replies"}))
+        click.echo(dumps({k: v for k, v in result.items() if k != "replies"}))
         return
     console = Console()
     for key in ("n", "strict_accuracy", "lenient_accuracy", "anchor_score"):
@@ -194,7 +154,7 @@ def doctor(as_json):
     except UserError as e:
         report["builtin_model"] = f"missing: {e}"
     if as_json:
-        click.echo(json.dumps(report, default=str))
+        click.echo(dumps(report))
         return
     console = Console()
     for key, value in report.items():
@@ -279,11 +239,11 @@ def bench(name, as_json, out, tiny):
     result["command"] = "pudl bench " + name + (" --tiny" if tiny else "")
     complete(name, module, result, out)  # end load average, ceiling fields; with --out also F.png
     if out:
-        Path(out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        Path(out).write_text(dumps(result, indent=2) + "\n")
     for line in module.lines(result):
         click.echo(line, err=as_json)
     if as_json:
-        click.echo(json.dumps(result, default=str))
+        click.echo(dumps(result))
 
 
 @main.command("export")
@@ -316,7 +276,7 @@ def export(run_dir, fmt, out, quant, base, hf_base, force):
         click.echo("note: pass --hf-base DIR to write the Hugging Face base this adapter loads on")
 
 
-main.add_command(__import__("pudl.cache_cli", fromlist=["cache"]).cache)  # `pudl cache ...` (pudl/cache_cli.py)
+main.add_command(cache)  # `pudl cache ...` (pudl/cache_cli.py)
 
 
 def entry():

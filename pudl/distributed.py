@@ -5,7 +5,7 @@ each one its rank. Rank 0 runs the recipe as a single process would (teacher, sa
 checkpoints, adapters, logs, evaluation). At each training stage it sends the other ranks the round's
 preference data and its current LoRA + optimizer state once; then every rank trains on its own slice of
 every global batch and the gradients are averaged, so all ranks apply the same update and stay identical.
-The other ranks write nothing. A process started without a launcher is a world of one: nothing is
+The other ranks write nothing (`pudl.loop.follow`). A process started without a launcher is a world of one: nothing is
 communicated and nothing changes.
 """
 
@@ -128,27 +128,3 @@ def init_world(backend: str = "any") -> World:
         raise UserError(f"started by a distributed launcher, but mx.distributed could not connect the ranks "
                         f"(backend {backend!r}): {e}") from None
     return World(group) if group.size() > 1 else SINGLE
-
-
-def follow(recipe, world: World) -> None:
-    """What ranks other than 0 do in `pudl run`: wait for each training job rank 0 sends, train on this rank's
-    slice of it, and stop when rank 0 sends None (its run finished). They hold no file of the run open."""
-    from pudl.losses import LOSSES
-    from pudl.loop import training_batches
-    from pudl.models import Tokenizer, load_student, resolve_model_path
-    from pudl.prefs import Completions
-    from pudl.train import train
-
-    model_path = resolve_model_path(recipe.student.model)
-    tokenizer, student = Tokenizer(model_path), None
-    while (job := world.broadcast_object(None)) is not None:
-        if student is None:
-            r = recipe
-            student = load_student(model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed,
-                                   weights=r.student.weights)
-        comp = Completions(job["prompts"], job["anchors"], job["candidates"], tokenizer)
-        t, algo = job["cfg"], job["algo"]
-        batches, _ = training_batches(t, job["pairs"], job["groups"], job["refs"], comp, job["seed"], world.shard,
-                                      algo, job["epochs"])
-        train(student, batches, LOSSES[algo], t, checkpoint_dir=None, fingerprint=job["fingerprint"],
-              checkpoint_every=job["checkpoint_every"], world=world)

@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 
 from pudl.agreement import family_or_other, order_consistency
+from pudl.domain import SamplingParams
 from pudl.errors import UserError
 from pudl.prompts import Prompt, chat_messages
 from pudl.sequences import sequence_logprobs
@@ -40,7 +41,7 @@ def evaluate(prompts: list[Prompt], sampler, student=None, tokenizer=None, ancho
             on_prompt(p)
 
     # All prompts in one batched generation (greedy: the seed draws nothing).
-    sampler.generate([(p, 0) for p in prompts], 1, 0.0, max_tokens, 0, 1.0, 0.0, done)
+    sampler.generate([(p, 0) for p in prompts], SamplingParams.greedy(max_tokens), done)
     rows = []
     for p in prompts:
         reply = replies[p.id]

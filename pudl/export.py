@@ -107,8 +107,9 @@ def run_base_model(run_dir: Path, base: str | None) -> Path:
         raise UserError(f"{summary}: the run's recipe {recipe_path!r} is not found from here; {hint}")
     from pudl.recipe import load_recipe
 
-    student = load_recipe(recipe_path).student
-    return resolve_model_path(student.model, student.quant)
+    from pudl.runtime import student_model_path
+
+    return student_model_path(load_recipe(recipe_path))
 
 
 def check_fits(lora: Lora, model: GGUFModel):

@@ -1,14 +1,16 @@
 """The round orchestrator: anchors -> sample -> score -> pairs -> train -> export -> eval.
 
-Every stage writes to the cache before the next reads it. Each round's stages carry a fingerprint of what
-they depend on (the recipe sections and the previous stage's fingerprint), so a rerun skips what is done,
-resumes what was interrupted, and recomputes only what a changed recipe invalidates.
+Every stage commits what it made to the cache before the next starts, and hands it to the next in memory.
+Each round's stages carry a fingerprint of what they depend on (the recipe sections and the previous stage's
+fingerprint; `pudl.stages`), so a rerun skips what is done, resumes what was interrupted, and recomputes only
+what a changed recipe invalidates. Other ranks of a distributed run only train (`follow`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -21,19 +23,23 @@ import numpy as np
 from rich.markup import escape
 
 from pudl import adapters
-from pudl.cache import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Cache, Pair, fingerprint
-from pudl.distributed import SINGLE, World, follow, init_world
+from pudl.agreement import order_consistency
+from pudl.atomic_files import write_json
+from pudl.cache import Cache, fingerprint, pair_order
+from pudl.distributed import SINGLE, World, init_world
+from pudl.domain import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Candidate, Group, Pair, SamplingParams, TrainJob
 from pudl.errors import TeacherError, UserError
-from pudl.evaluate import evaluate, ranker_agreement
+from pudl.evaluate import evaluate
 from pudl.losses import LOSSES
-from pudl.models import Tokenizer, load_student, resolve_model_path
-from pudl.prefs import Completions, Group, dpo_batches, group_batches, make_groups, needed_references, sft_batches
+from pudl.pairs import group_status, make_pairs, rank
+from pudl.prefs import Completions, make_groups, needed_references, training_batches
 from pudl.prompts import Prompt, chat_messages, load_prompts
 from pudl.recipe import LISTWISE, Recipe
-from pudl.report import Reporter, write_json
-from pudl.sampler import Sampler, SequentialSampler
-from pudl.scoring import REFERENCE_TEMPLATE, group_status, make_pairs, rank, score_groups
+from pudl.report import Reporter
+from pudl.runtime import Runtime
+from pudl.scoring import REFERENCE_TEMPLATE, score_groups
 from pudl.sequences import completion_logprobs
+from pudl.stages import Stages
 from pudl.teachers import Teacher, make_teacher
 from pudl.train import train
 
@@ -61,25 +67,27 @@ class RunLock:
 
 
 class Run:
-    """State shared by the stages of one `pudl run`."""
+    """State shared by the stages of one `pudl run`: the recipe's runtime, the cache, the stage state machine.
+
+    A round's stages hand what they made to the next in memory; the cache is read only where a stage is
+    reused or resumed (and for scores, which per-prompt extension makes a cache-first stage: docs/architecture.md).
+    """
 
     def __init__(self, recipe: Recipe, reporter: Reporter, world: World = SINGLE):
         self.recipe = recipe
-        self.world = world  # this process is rank 0 of it: the other ranks only train (pudl.distributed)
+        self.world = world  # this process is rank 0 of it: the other ranks only train (`follow`)
         self.rep = reporter
         self.run_dir = Path(recipe.run.out)
         self.cache = Cache(self.run_dir / "cache.sqlite")
+        self.stages = Stages(self.cache, reporter)
+        self.runtime = Runtime(recipe)
+        self.tokenizer = self.runtime.tokenizer
         self.prompts = load_prompts(recipe.data.prompts)
         self.eval_prompts = load_prompts(recipe.data.eval) if recipe.data.eval else []
-        self.model_path = resolve_model_path(recipe.student.model, recipe.student.quant)
-        self.tokenizer = Tokenizer(self.model_path)
         self.usable, self.too_long = self._fitting(self.prompts, "training")
         self.eval_prompts, _ = self._fitting(self.eval_prompts, "held-out")
         self.teacher_calls = 0
         self.failures: dict[str, str] = {}
-        self.stages: dict[str, dict[str, str]] = {}  # round -> stage -> computed|resumed|reused|extended|recomputed
-        self._changed_from: int | None = None  # first round whose stages a changed input cleared
-        self._student = None
 
     def _fitting(self, prompts: list[Prompt], what: str) -> tuple[list[Prompt], list[str]]:
         """The prompts whose chat context leaves the sampler room in student.n_ctx, and the ids of the others,
@@ -97,28 +105,13 @@ class Run:
 
     @property
     def student(self):
-        if self._student is None:
-            r = self.recipe
-            self._student = load_student(self.model_path, r.lora.rank, r.lora.alpha, r.lora.targets, seed=r.run.seed,
-                                         weights=r.student.weights)
-        return self._student
+        return self.runtime.student
 
     @property
     def scorers(self) -> tuple[str, ...]:
         """The scorer that ranks, then the ones computed only for the ranker-vs-verifier report."""
         r = self.recipe.rank
         return tuple(dict.fromkeys([r.scorer, *r.also_score]))
-
-    def sampler(self, adapter: Path | None) -> Sampler:
-        s = self.recipe.student
-        if self.recipe.sample.backend == "mlx":  # mlx-lm on the MLX student itself (pudl.mlx_sampler)
-            from pudl.mlx_sampler import MLXSampler
-
-            return MLXSampler(self.student, self.tokenizer, adapter, n_ctx=s.n_ctx)
-        if self.recipe.sample.backend == "llamacpp-sequential":  # the simple fallback (pudl.sampler)
-            return SequentialSampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads)
-        return Sampler(self.model_path, self.tokenizer, adapter, n_ctx=s.n_ctx, threads=s.threads,
-                       sequences=self.recipe.sample.sequences, kv_cache=self.recipe.sample.kv_cache)
 
     # teacher -------------------------------------------------------------------------------------
     def collect_anchors(self) -> dict[str, str]:
@@ -128,19 +121,16 @@ class Run:
         anchors = self.cache.anchors()
         missing = [p for p in self.usable if p.id not in anchors]
         if missing:
-            t = self.recipe.teacher
-            teacher = make_teacher(t.backend, base_url=t.base_url or None, model=t.model or None,
-                                   api_key_env=t.api_key_env or None, path=t.path or None,
-                                   max_tokens=t.max_tokens, temperature=t.temperature, timeout_s=t.timeout_s,
-                                   max_retries=t.max_retries, backoff_s=t.backoff_s)
-            workers = t.max_concurrency if t.backend == "openai" else 1  # the others answer locally, one at a time
-            with self.rep.phase("teacher", len(missing)) as advance:
+            teacher = make_teacher(self.recipe.teacher)
+            workers = self.recipe.teacher.max_concurrency if self.recipe.teacher.backend == "openai" else 1
+            with self.rep.phase("teacher", len(missing)) as advance:  # the others answer locally, one at a time
                 for p, answer in _ask_all(teacher, missing, workers):
                     self.teacher_calls += 1
                     if isinstance(answer, TeacherError):
                         self.cache.put_teacher_failure(p.id, str(answer))
                     else:
                         self.cache.put_anchor(p.id, answer, teacher.name)
+                        anchors[p.id] = answer
                     advance()
         ids = {p.id for p in self.usable}
         self.failures = {pid: e for pid, e in self.cache.teacher_failures().items() if pid in ids}
@@ -148,9 +138,8 @@ class Run:
             pid, error = next(iter(self.failures.items()))
             self.rep.say(f"[yellow]teacher failed for {len(self.failures)} prompt(s); they are skipped this run "
                          f"and retried by the next (first: {escape(pid)}: {escape(error)})")
-        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(self.cache.anchors()),
-                     failures=len(self.failures))
-        return self.cache.anchors()
+        self.rep.log("teacher", calls=self.teacher_calls, anchors=len(anchors), failures=len(self.failures))
+        return anchors
 
     # evaluation ----------------------------------------------------------------------------------
     def evaluate(self, name: str, adapter: Path | None, key: str, anchors: dict[str, str]) -> dict | None:
@@ -160,77 +149,47 @@ class Run:
         path = self.run_dir / f"eval-{name}.json"
         fp = fingerprint(key, self.recipe.eval.max_tokens, [asdict(p) for p in self.eval_prompts])
         if path.exists():
-            import json
-
             cached = json.loads(path.read_text())
             if cached.get("fingerprint") == fp:
                 return cached
-        sampler = self.sampler(adapter)
-        try:
-            with self.rep.phase(f"eval {name}", len(self.eval_prompts)) as advance:
-                result = evaluate(self.eval_prompts, sampler, self.student, self.tokenizer, anchors,
-                                  max_tokens=self.recipe.eval.max_tokens, on_prompt=lambda p: advance())
-        finally:
-            sampler.close()
+        with self.runtime.sampler(adapter) as sampler, \
+                self.rep.phase(f"eval {name}", len(self.eval_prompts)) as advance:
+            result = evaluate(self.eval_prompts, sampler, self.student, self.tokenizer, anchors,
+                              max_tokens=self.recipe.eval.max_tokens, on_prompt=lambda p: advance())
         result["fingerprint"] = fp
         write_json(path, result)
         self.rep.log("eval", name=name, **{k: v for k, v in result.items() if k not in ("replies", "fingerprint")})
         return result
 
     # one round -----------------------------------------------------------------------------------
-    def stage(self, round_: int, name: str, fp: str, missing: int = 0) -> bool:
-        """True when this stage is done with this fingerprint (and `missing` prompts are 0); else get it ready to
-        run: rows of an interrupted run with the same fingerprint are kept (resume), rows made from other inputs
-        are cleared with this stage's later ones. Per-prompt stages (sample, score) whose fingerprint matches
-        keep their rows and only add the `missing` prompts (e.g. ones whose anchor arrived since)."""
-        state = self.cache.stage_state(round_, name, fp)
-        if state == "done" and not missing:
-            return self._note(round_, name, "reused", True)
-        if state == "other":
-            self.rep.say(f"round {round_}: the recipe or the prompts changed since '{name}' ran; "
-                         "recomputing it and what follows")
-            self.cache.clear_from(round_, name)
-            self._changed_from = round_ if self._changed_from is None else min(self._changed_from, round_)
-        self.cache.start_stage(round_, name, fp)  # a crash from here on resumes under this fingerprint, or clears
-        if state == "none" and self._changed_from is not None and round_ >= self._changed_from:
-            state = "other"  # cleared with an earlier stage whose inputs changed
-        status = {"done": "extended", "started": "resumed", "other": "recomputed"}.get(state, "computed")
-        return self._note(round_, name, status, False)
+    def sample(self, round_: int, prompts: list[Prompt], adapter: Path | None, fp: str) -> dict[str, list[Candidate]]:
+        """The round's candidates per prompt: sampled now for the prompts without any, the rest from the cache."""
+        candidates = self.cache.candidates(round_)
+        if self.stages.begin(round_, "sample", fp, missing=sum(p.id not in candidates for p in prompts)):
+            return candidates
+        candidates = self.cache.candidates(round_)  # begin() clears the rows of a changed recipe
+        todo = [p for p in prompts if p.id not in candidates]
+        with self.runtime.sampler(adapter) as sampler, self.rep.phase("sample", len(todo), round_) as advance:
+            def store(p, cands):
+                self.cache.put_candidates(round_, cands)
+                candidates[p.id] = cands
+                advance()
 
-    def _note(self, round_: int, name: str, status: str, result: bool) -> bool:
-        """Say what happened to a stage (summary.json "stages", a metrics row, and a line unless quiet)."""
-        self.stages.setdefault(str(round_), {})[name] = status
-        self.rep.log("stage", round=round_, stage=name, status=status)
-        if status in ("reused", "extended", "resumed"):
-            self.rep.say(f"round {round_}: '{name}' {status} from the cache")
-        return result
+            sampler.sample_all(todo, SamplingParams.of(self.recipe.sample), self.recipe.run.seed, round_, store)
+        self.stages.finish(round_, "sample", fp)
+        return candidates
 
-    def sample(self, round_: int, prompts: list[Prompt], adapter: Path | None, fp: str):
-        sampled = self.cache.sampled_prompt_ids(round_)
-        if self.stage(round_, "sample", fp, missing=sum(p.id not in sampled for p in prompts)):
-            return
-        todo = [p for p in prompts if p.id not in self.cache.sampled_prompt_ids(round_)]
-        sampler = self.sampler(adapter)
-        try:
-            with self.rep.phase("sample", len(todo), round_) as advance:
-                def store(p, candidates):
-                    self.cache.put_candidates(round_, candidates)
-                    advance()
-
-                sampler.sample_all(todo, self.recipe.sample, self.recipe.run.seed, round_, store)
-        finally:
-            sampler.close()
-        self.cache.finish_stage(round_, "sample", fp)
-
-    def score(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
+    def score(self, round_: int, prompts: list[Prompt], anchors: dict[str, str],
+              candidates: dict[str, list[Candidate]], fp: str):
+        """Score every prompt's candidates with each scorer not stored yet; scores go to the cache, prompt by
+        prompt chunk (a crash keeps the chunks committed)."""
         # A scorer added to pudl after a round was scored is computed for that round's prompts on the next run
         # (the stage is "extended"); the scorers already stored are not recomputed.
         scorers = self.scorers
         scored = {s: self.cache.scored_prompt_ids(round_, s) for s in scorers}
         missing = {p.id: tuple(s for s in scorers if p.id not in scored[s]) for p in prompts}
-        if self.stage(round_, "score", fp, missing=sum(bool(m) for m in missing.values())):
+        if self.stages.begin(round_, "score", fp, missing=sum(bool(m) for m in missing.values())):
             return
-        candidates = self.cache.candidates(round_)
         todo = [p for p in prompts if missing[p.id] and p.id in candidates]
         min_gap = self.recipe.rank.min_gap
         with self.rep.phase("score", len(todo), round_) as advance:
@@ -245,75 +204,64 @@ class Run:
                         self.cache.put_scores(round_, p.id, scorer, list(values), list(rank(values)), status,
                                               anchor_score=anchor_value)
                     advance()
-        self.cache.finish_stage(round_, "score", fp)
+        self.stages.finish(round_, "score", fp)
 
-    def preferences(self, round_: int, prompts: list[Prompt], anchors: dict[str, str], fp: str):
-        """Pairs (dpo) or groups (listwise) from the ranking, with reference log-probs computed once and cached."""
+    def preferences(self, round_: int, prompts: list[Prompt], anchors: dict[str, str],
+                    candidates: dict[str, list[Candidate]], fp: str) -> tuple[list[Pair], list[Group], dict]:
+        """Pairs (dpo) or groups (listwise) from the ranking, with the reference log-probs they need (computed
+        once, adapter disabled, and cached)."""
         r, t = self.recipe.rank, self.recipe.train
-        candidates = self.cache.candidates(round_)
         scores = self.cache.scores(round_, r.scorer)
         groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer), t.include_anchor,
                              r.anchor, r.min_gap)
-        comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
-        if self.stage(round_, "prefs", fp):
-            return self.cache.pairs(round_), groups, comp
+        if self.stages.begin(round_, "prefs", fp):
+            return self.cache.pairs(round_), groups, self.cache.references(round_)
         pairs = []
         for p in prompts:
             if p.id in scores:
                 pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs, r.min_gap)
+        pairs = pair_order(pairs) if t.algo == "dpo" else []
+        comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
         keys = needed_references(t.algo, pairs, groups)
         with self.rep.phase("reference", len(keys), round_) as advance:
             tokens = completion_logprobs(self.student, [comp.sequence(*k) for k in keys], adapter=False)
             advance(len(keys))
-        refs = dict(zip(keys, tokens))
+        refs = {k: np.asarray(v, np.float32) for k, v in zip(keys, tokens)}
         if t.algo == "grpo" and t.include_anchor:  # the anchor's behaviour log-probs: the current policy's
             anchor_keys = [(g.prompt_id, ANCHOR_IDX) for g in groups if ANCHOR_IDX in g.members]
             behaviour = completion_logprobs(self.student, [comp.sequence(*k) for k in anchor_keys])
-            refs.update({(pid, ANCHOR_BEHAVIOUR_IDX): b for (pid, _), b in zip(anchor_keys, behaviour)})
-            keys += [(pid, ANCHOR_BEHAVIOUR_IDX) for pid, _ in anchor_keys]
-        self.cache.put_references(round_, [(pid, idx, refs[(pid, idx)]) for pid, idx in keys])
-        if t.algo == "dpo":
-            pairs = [Pair(p.prompt_id, p.kind, p.chosen_idx, p.rejected_idx, p.margin,
-                          float(refs[(p.prompt_id, p.chosen_idx)].sum()), float(refs[(p.prompt_id, p.rejected_idx)].sum()))
-                     for p in pairs]
-            self.cache.put_pairs(round_, pairs)
-            # Read back in the cache's order: the seeded shuffle of the batches must see the same list whether the
-            # pairs were just made or come from the cache (a resumed or rerun round), or training differs.
-            pairs = self.cache.pairs(round_)
-        self.cache.finish_stage(round_, "prefs", fp)
-        return pairs, groups, comp
+            refs.update({(pid, ANCHOR_BEHAVIOUR_IDX): np.asarray(b, np.float32)
+                         for (pid, _), b in zip(anchor_keys, behaviour)})
+        self.cache.put_references(round_, [(pid, idx, t) for (pid, idx), t in refs.items()])
+        self.cache.put_pairs(round_, pairs)
+        self.stages.finish(round_, "prefs", fp)
+        return pairs, groups, refs
 
-    def train(self, round_: int, pairs: list[Pair], groups: list[Group], comp: Completions, fp: str,
-              algo: str | None = None, epochs: int | None = None) -> Path:
-        """Train this round (round 0: the SFT warm-up) with `algo` (default train.algo); export the adapter."""
+    def train(self, round_: int, job: TrainJob) -> Path:
+        """Train this round (round 0: the SFT warm-up) on `job`; export the adapter; its GGUF path."""
         round_dir = self.run_dir / f"round-{round_}"
         adapter_path = round_dir / "adapter.safetensors"
-        if self.stage(round_, "train", fp) and adapter_path.exists():
+        if self.stages.begin(round_, "train", job.fingerprint) and adapter_path.exists():
             adapters.load_adapter(self.student, adapter_path)
             return round_dir / "adapter.gguf"
-        t = self.recipe.train
-        algo = algo or t.algo
-        refs = self.cache.references(round_)
-        seed = self.recipe.run.seed + round_
-        batches, skipped = training_batches(t, pairs, groups, refs, comp, seed, self.world.shard, algo, epochs)
-        unit = {"dpo": "pair", "sft": "anchor"}.get(algo, "group")
+        t = job.cfg
+        batches, skipped = training_batches(job, self.world.shard, self.tokenizer)
+        unit = {"dpo": "pair", "sft": "anchor"}.get(job.algo, "group")
         if skipped:
             self.rep.say(f"round {round_}: {skipped} {unit}(s) longer than train.max_seq_len={t.max_seq_len} skipped")
         if not batches:
             raise UserError(f"round {round_}: nothing to train on: no {unit} survived ranking "
                             "(see rank.pairs, sample.k and the group statuses in metrics.jsonl)")
         if self.world.size > 1:  # the other ranks build their slices of the same batches from this job
-            self.world.broadcast_object({
-                "cfg": t, "algo": algo, "epochs": epochs, "pairs": pairs, "groups": groups, "refs": refs,
-                "prompts": comp.prompts, "anchors": comp.anchors, "candidates": comp.candidates, "seed": seed,
-                "fingerprint": fp, "checkpoint_every": t.checkpoint_every})
+            self.world.broadcast_object(job)
         with self.rep.phase("train", len(batches), round_) as advance:
             def on_step(step, row):
                 self.rep.log("step", round=round_, **row)
                 advance()
 
-            result = train(self.student, batches, LOSSES[algo], t, checkpoint_dir=round_dir, fingerprint=fp,
-                           checkpoint_every=t.checkpoint_every, on_step=on_step, world=self.world)
+            result = train(self.student, batches, LOSSES[job.algo], t, checkpoint_dir=round_dir,
+                           fingerprint=job.fingerprint, checkpoint_every=t.checkpoint_every, on_step=on_step,
+                           world=self.world)
         if result.resumed_from:
             self.rep.say(f"round {round_}: training resumed from step {result.resumed_from}")
         with self.rep.phase("export", 2, round_) as advance:
@@ -321,7 +269,7 @@ class Run:
             advance()
             adapters.write_gguf_lora(self.student, round_dir / "adapter.gguf")
             advance()
-        self.cache.finish_stage(round_, "train", fp)
+        self.stages.finish(round_, "train", job.fingerprint)
         return round_dir / "adapter.gguf"
 
 
@@ -377,20 +325,9 @@ def _kill_hook(rep: Reporter) -> Reporter:
     return rep
 
 
-def training_batches(t, pairs: list[Pair], groups: list[Group], refs: dict, comp: Completions, seed: int,
-                     shard: tuple[int, int] = (0, 1), algo: str | None = None, epochs: int | None = None):
-    """The round's (batches, skipped) for `algo` (default t.algo); this rank's slices when `shard` = (rank, size)."""
-    algo = algo or t.algo
-    if algo == "sft":
-        return sft_batches(list(comp.prompts), comp, t, seed, epochs)
-    if algo == "dpo":
-        return dpo_batches(pairs, refs, comp, t, seed, shard)
-    return group_batches(groups, refs, comp, t, seed, shard)
-
-
 def run(recipe: Recipe, reporter_factory=Reporter) -> dict | None:
     """Run a recipe to the end (resuming from the cache) and return the summary. Under a distributed launcher
-    rank 0 runs it and the other ranks only train with it (`pudl.distributed.follow`; they return None)."""
+    rank 0 runs it and the other ranks only train with it (`follow`; they return None)."""
     world = init_world()
     if not world.is_main:
         return follow(recipe, world)
@@ -399,6 +336,16 @@ def run(recipe: Recipe, reporter_factory=Reporter) -> dict | None:
         return _run(recipe, reporter_factory, world)
     finally:
         os.umask(previous)
+
+
+def follow(recipe: Recipe, world: World) -> None:
+    """What ranks other than 0 do in `pudl run`: wait for each training job rank 0 sends, train on this rank's
+    slice of it, and stop when rank 0 sends None (its run finished). They hold no file of the run open."""
+    runtime = Runtime(recipe)  # the same student as rank 0's: one set-up for every rank
+    while (job := world.broadcast_object(None)) is not None:
+        batches, _ = training_batches(job, world.shard, runtime.tokenizer)
+        train(runtime.student, batches, LOSSES[job.algo], job.cfg, checkpoint_dir=None, fingerprint=job.fingerprint,
+              checkpoint_every=job.cfg.checkpoint_every, world=world)
 
 
 def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
@@ -417,24 +364,27 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             first = next(iter(state.failures.items()), ("?", "?"))
             raise UserError(f"no prompt has an anchor: the teacher failed for all {len(state.failures)} "
                             f"(first: {first[0]}: {first[1]})")
-        base_key = fingerprint(str(state.model_path), recipe.section_dict("lora"), recipe.run.seed)
+        by_id = {p.id: p for p in prompts}
+        base_key = fingerprint(str(state.runtime.model_path), recipe.section_dict("lora"), recipe.run.seed)
         before = state.evaluate("before", None, base_key, anchors)
         prev_fp, adapter, rounds, tokens_sampled = base_key, None, [], 0
         t = recipe.train
         sft_key = {k: getattr(t, k) for k in ("learning_rate", "batch_size", "weight_decay", "max_seq_len")}
+
+        def sft_job(round_: int, epochs: int | None, fp: str) -> TrainJob:  # anchors only: no candidate
+            return TrainJob(t, "sft", epochs, [], [], {}, by_id, anchors, {}, recipe.run.seed + round_, fp)
+
         if t.warmup_sft_epochs and t.algo != "sft":  # round 0: SFT on the anchors; round 1 samples from it
             fp_sft = fingerprint(prev_fp, "sft", sft_key, t.warmup_sft_epochs, recipe.section_dict("lora"),
                                  [p.id for p in prompts])
-            comp = Completions({p.id: p for p in prompts}, anchors, {}, state.tokenizer)
-            adapter = state.train(0, [], [], comp, fp_sft, algo="sft", epochs=t.warmup_sft_epochs)
+            adapter = state.train(0, sft_job(0, t.warmup_sft_epochs, fp_sft))
             rounds.append({"round": 0, "algo": "sft", "anchors": len(prompts)})
             prev_fp = fp_sft
         for round_ in range(1, recipe.run.rounds + 1):
             if t.algo == "sft":  # anchors only: nothing is sampled, scored or ranked
                 fp_train = fingerprint(prev_fp, "sft", sft_key, t.epochs, recipe.section_dict("lora"),
                                        [p.id for p in prompts])
-                comp = Completions({p.id: p for p in prompts}, anchors, {}, state.tokenizer)
-                adapter = state.train(round_, [], [], comp, fp_train)
+                adapter = state.train(round_, sft_job(round_, None, fp_train))
                 rounds.append({"round": round_, "algo": "sft", "anchors": len(prompts)})
                 rep.log("round", **rounds[-1])
                 prev_fp = fp_train
@@ -448,13 +398,14 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo, [p.id for p in prompts],
                                    *(["anchor on top"] if anchor_top else []))
             fp_train = fingerprint(fp_prefs, recipe.section_dict("train", "lora"))
-            state.sample(round_, prompts, adapter, fp_sample)
-            state.score(round_, prompts, anchors, fp_score)
-            pairs, groups, comp = state.preferences(round_, prompts, anchors, fp_prefs)
-            adapter = state.train(round_, pairs, groups, comp, fp_train)
-            candidates = state.cache.candidates(round_)
+            candidates = state.sample(round_, prompts, adapter, fp_sample)
+            state.score(round_, prompts, anchors, candidates, fp_score)
+            pairs, groups, refs = state.preferences(round_, prompts, anchors, candidates, fp_prefs)
+            adapter = state.train(round_, TrainJob(t, t.algo, None, pairs, groups, refs, by_id, anchors, candidates,
+                                                   recipe.run.seed + round_, fp_train))
             tokens_sampled += sum(len(c.token_ids) for p in prompts for c in candidates.get(p.id, []))
-            agreement = ranker_agreement(prompts, candidates, {s: state.cache.scores(round_, s) for s in state.scorers})
+            agreement = order_consistency(prompts, candidates,
+                                          {s: state.cache.scores(round_, s) for s in state.scorers})
             rounds.append({"round": round_, "pairs": len(pairs), "groups": len(groups),
                            "group_status": state.cache.group_statuses(round_),
                            "candidates": sum(len(c) for c in candidates.values()), "ranker": agreement})
@@ -473,7 +424,7 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             "tokens_sampled": tokens_sampled,  # candidate tokens generated for training (evaluation excluded)
             "teacher_failed": state.failures,  # prompt id -> last error; the next run asks again
             "skipped_too_long": state.too_long,
-            "stages": state.stages,
+            "stages": state.stages.status,
             "cache": state.cache.counts(),
             "before": _brief(before),
             "after": _brief(after),

@@ -1,9 +1,9 @@
 """K candidates per prompt from the MLX student itself (mlx-lm model + KV cache), the `sample.backend = "mlx"` path.
 
-Same interface and the same sampling rules as `pudl.sampler.Sampler`: a batch of prompts is decoded once
+The same interface (`pudl.sampling.CandidateSampler`) and sampling rules as `pudl.sampler.Sampler`: a batch of prompts is decoded once
 (left-padded, mlx-lm's BatchKVCache), each prompt's cache row is copied to K rows, and all candidates advance
 together one token per step (rows that finish leave the batch). Tokens are drawn in NumPy by
-`pudl.sampler.draw` from candidate `idx`'s own RNG stream (seeded by seed, round, prompt id, idx), and each
+`pudl.sampling.draw` from candidate `idx`'s own RNG stream (seeded by seed, round, prompt id, idx), and each
 token's log-prob is taken at temperature 1 before truncation, so candidates, log-probs and resumes behave as
 with llama.cpp. The LoRA is the one the sampler was given:
 `adapter_path=None` samples the base model (LoRA disabled), a GGUF LoRA or pudl MLX adapter file is loaded
@@ -12,16 +12,16 @@ into the student for the sampler's life; `close` puts the student's own LoRA sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from pudl.domain import SamplingParams
 from pudl.errors import UserError
 from pudl.prompts import Prompt
-from pudl.sampler import (_candidate, _chat_context, _end_of_generation_ids, _sample_all, _token_logprobs,
-                          candidate_rng, draw)
+from pudl.sampling import (CandidateSampler, OnPrompt, candidate_rng, chat_context, draw, end_of_generation_ids,
+                           make_candidate, token_logprobs)
 
 
 def _adapter_state(path: Path) -> dict:
@@ -37,7 +37,7 @@ def _adapter_state(path: Path) -> dict:
         raise UserError(f"{path}: not a pudl adapter ({e})") from None
 
 
-class MLXSampler:
+class MLXSampler(CandidateSampler):
     """Sampling on the MLX student (`pudl.models.Student`) with mlx-lm's model and batched KV cache: about
     `rows` sequences (rows // K prompts x K candidates) advance per decode step."""
 
@@ -50,7 +50,7 @@ class MLXSampler:
         else:
             student.load_lora_state(_adapter_state(adapter_path))
             student.set_adapter(True)
-        self.eog = _end_of_generation_ids(tokenizer.llm.model, tokenizer)
+        self.eog = end_of_generation_ids(tokenizer.llm.model, tokenizer)
         model = student.model
         self._head = model.model.embed_tokens.as_linear if student.args.tie_word_embeddings else model.lm_head
 
@@ -69,27 +69,19 @@ class MLXSampler:
         hidden = self.student.model.model(tokens, cache=cache)[:, -1:, :]
         return np.array(self._head(hidden)[:, 0, :].astype(mx.float32))
 
-    def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0) -> list:
-        """K candidates for one prompt (seeded by `seed`); the prompt is decoded once and shared by all of them."""
-        out = []
-        self.generate([(prompt, seed)], k, temperature, max_tokens, top_k, top_p, min_p,
-                      lambda p, cands: out.extend(cands))
-        return out
-
-    def generate(self, jobs: list[tuple[Prompt, int]], k: int, temperature: float, max_tokens: int, top_k: int,
-                 top_p: float, min_p: float, on_prompt: Callable):
+    def generate(self, jobs: list[tuple[Prompt, int]], params: SamplingParams, on_prompt: OnPrompt):
         """K candidates for each (prompt, seed), rows // K prompts per batch; `on_prompt` as each prompt ends."""
-        per_batch = max(1, self.rows // k)
+        per_batch = max(1, self.rows // params.k)
         for start in range(0, len(jobs), per_batch):
-            self._batch(jobs[start : start + per_batch], k, temperature, max_tokens, top_k, top_p, min_p, on_prompt)
+            self._batch(jobs[start : start + per_batch], params, on_prompt)
 
-    def _batch(self, jobs, k, temperature, max_tokens, top_k, top_p, min_p, on_prompt):
+    def _batch(self, jobs: list[tuple[Prompt, int]], params: SamplingParams, on_prompt: OnPrompt):
         """One batch of prompts: a left-padded prefill (mlx-lm's BatchKVCache), each prompt's row copied to K
         rows, then one token per step for every live row; finished rows leave the batch."""
         from pudl.mlx_lm_models import cache as kv_cache
 
-        contexts = [_chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
+        k = params.k
+        contexts = [chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
         width = max(map(len, contexts))
         pads = [width - len(c) for c in contexts]
         cache = [kv_cache.BatchKVCache(pads) for _ in self.student.model.model.layers]
@@ -100,16 +92,15 @@ class MLXSampler:
             c.filter(mx.array(rows))
         logits = logits[rows]
         rngs = {(j, idx): candidate_rng(jobs[j][1], idx) for j, idx in live}
-        max_new = [min(max_tokens, self.n_ctx - len(c)) for c in contexts]
+        max_new = [min(params.max_tokens, self.n_ctx - len(c)) for c in contexts]
         ids, logps, done = {key: [] for key in live}, {key: [] for key in live}, {}
         finished = [0] * len(jobs)
         while live:
-            if temperature <= 0:
+            if params.temperature <= 0:
                 step = logits.argmax(axis=1)
             else:
-                step = np.array([draw(row, temperature, rngs[key], top_k, top_p, min_p)
-                                 for row, key in zip(logits, live)])
-            for key, token, logp in zip(live, step.tolist(), _token_logprobs(logits, step).tolist()):
+                step = np.array([draw(row, params, rngs[key]) for row, key in zip(logits, live)])
+            for key, token, logp in zip(live, step.tolist(), token_logprobs(logits, step).tolist()):
                 ids[key].append(token)
                 logps[key].append(logp)
                 j = key[0]
@@ -120,7 +111,7 @@ class MLXSampler:
                 finished[j] += 1
                 if finished[j] == k:  # the whole prompt is done: hand it over now
                     prompt = jobs[j][0]
-                    on_prompt(prompt, [_candidate(self.tokenizer, prompt.id, i, ids[(j, i)], logps[(j, i)],
+                    on_prompt(prompt, [make_candidate(self.tokenizer, prompt.id, i, ids[(j, i)], logps[(j, i)],
                                                   done[(j, i)]) for i in range(k)])
             keep = [r for r, key in enumerate(live) if key not in done]
             if not keep:
@@ -130,7 +121,3 @@ class MLXSampler:
                     c.filter(mx.array(keep))
                 step, live = step[keep], [live[r] for r in keep]
             logits = self._logits(mx.array(step[:, None].astype(np.int32)), cache)
-
-    def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int, on_prompt: Callable):
-        """Sample every prompt with the recipe's [sample] settings, handing each prompt's candidates to `on_prompt`."""
-        _sample_all(self, prompts, cfg, seed, round_, on_prompt)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pudl.cli_errors import user_errors
 from pudl.errors import UserError
 
 STYLES = ("chat", "text")
@@ -36,7 +37,7 @@ def _reply(style: str, text: str):
 
 def preference_rows(cache, round_: int, style: str = "chat", listwise: bool = False, scorer: str | None = None):
     """Rows of one round: pairs (chosen idx -1 = the anchor) or, `listwise`, every scored candidate per prompt."""
-    from pudl.cache import ANCHOR_IDX
+    from pudl.domain import ANCHOR_IDX
 
     prompts, anchors, candidates = cache.prompt_rows(), cache.anchors(), cache.candidates(round_)
 
@@ -118,15 +119,10 @@ def export_pairs(run_dir: str | Path, out: str | Path, round_: int | None = None
                    "strings with a 'system' field (mlx-lm-lora DPO).")
 @click.option("--scorer", help="--listwise: the self-ranking score to export (default: anchor-likelihood).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@user_errors
 def export_command(run_dir, out, round_, listwise, style, scorer, force):
     """Write RUN_DIR's cached preference pairs as {"prompt", "chosen", "rejected"} JSONL (TRL / mlx-lm-lora
     DPO format); with --listwise, one row per prompt with all candidates, scores, ranks and the anchor.
     A pair whose chosen side is the teacher's anchor has "chosen_is_anchor": true."""
-    from pudl.cli import user_errors
-
-    @user_errors
-    def go():
-        r, n = export_pairs(run_dir, out, round_, style, listwise, scorer, force)
-        click.echo(f"wrote {n} {'prompt' if listwise else 'pair'} row(s) of round {r} to {out}")
-
-    go()
+    r, n = export_pairs(run_dir, out, round_, style, listwise, scorer, force)
+    click.echo(f"wrote {n} {'prompt' if listwise else 'pair'} row(s) of round {r} to {out}")

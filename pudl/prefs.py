@@ -7,12 +7,11 @@ come from the cache (computed once, adapter disabled); the sampler's log-probs a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from pudl.cache import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Candidate, Pair
+from pudl.domain import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Candidate, Group, Pair, TrainJob
 from pudl.kernels import grpo_advantages
 from pudl.losses import TrainBatch
 from pudl.prompts import Prompt, chat_messages
@@ -22,15 +21,6 @@ from pudl.sequences import aligned, pack
 # Batch widths are rounded up so the compiled training step sees few distinct shapes; completions are short
 # (a few tokens in the benchmark's pairs), so they round to a finer step than the contexts.
 PAD_MULTIPLE, COMPLETION_MULTIPLE = 16, 8
-
-
-@dataclass(frozen=True)
-class Group:
-    """One prompt's ranked members (candidate indices, ANCHOR_IDX for the anchor) and their scores."""
-
-    prompt_id: str
-    members: tuple[int, ...]
-    scores: tuple[float, ...]
 
 
 class Completions:
@@ -189,3 +179,13 @@ def sft_batches(prompt_ids: list[str], comp: Completions, cfg, seed: int,
         seqs = _pack(comp, keys)
         batches.append(TrainBatch(seqs, {"is_anchor": _anchor_flags(keys)}, len(chunk)))
     return batches, len(prompt_ids) - len(usable)
+
+
+def training_batches(job: TrainJob, shard: tuple[int, int], tokenizer) -> tuple[list[TrainBatch], int]:
+    """The job's (batches, skipped items) for its algo; this rank's slices when `shard` = (rank, size)."""
+    comp = Completions(job.prompts, job.anchors, job.candidates, tokenizer)
+    if job.algo == "sft":
+        return sft_batches(list(job.prompts), comp, job.cfg, job.seed, job.epochs)
+    if job.algo == "dpo":
+        return dpo_batches(job.pairs, job.refs, comp, job.cfg, job.seed, shard)
+    return group_batches(job.groups, job.refs, comp, job.cfg, job.seed, shard)

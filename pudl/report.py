@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from pudl.atomic_files import dumps
 
 
 class Reporter:
@@ -30,7 +31,7 @@ class Reporter:
         row = {"kind": kind, "time": round(time.time(), 3), **fields}
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+            f.write(dumps(row) + "\n")
 
     def say(self, message: str):
         if not self.quiet:
@@ -66,11 +67,3 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.3f}"
     return "" if x is None else str(x)
-
-
-def write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-    os.replace(tmp, path)

@@ -8,18 +8,19 @@ shared, but every token attends over all the cells in flight) and a stream per s
 token attends over its own sequence only; the prompt's cells copied). `SequentialSampler` is the simple
 one-candidate-at-a-time fallback on the high-level `Llama` object.
 
-Both sample in NumPy from llama.cpp's logits, so every candidate keeps its exact token ids and the policy's
-per-token log-probs (temperature 1, before truncation: the quantity the MLX trainer computes for the same
-tokens). Candidate `idx` of a prompt draws from its own RNG stream, seeded by (seed, round, prompt id, idx):
-a resumed run samples the same candidates, and both samplers agree whatever the batching.
+Both implement `pudl.sampling.CandidateSampler` and sample in NumPy from llama.cpp's logits with its shared
+pieces, so every candidate keeps its exact token ids and the policy's per-token log-probs (temperature 1,
+before truncation: the quantity the MLX trainer computes for the same tokens). Candidate `idx` of a prompt
+draws from its own RNG stream, seeded by (seed, round, prompt id, idx): a resumed run samples the same
+candidates, and both samplers agree whatever the batching.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,108 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pudl.cache import Candidate
+from pudl.domain import Candidate, SamplingParams
 from pudl.errors import UserError
 from pudl.llamacpp import _without_extra_buffers, open_llama, quiet_stderr
-from pudl.prompts import Prompt, chat_messages
+from pudl.prompts import Prompt
 from pudl.recipe import KV_CACHES
+from pudl.sampling import (CandidateSampler, OnPrompt, candidate_rng, chat_context, draw, draw_rows,
+                           end_of_generation_ids, log_softmax, make_candidate, token_logprobs)
 
 DEFAULT_SEQUENCES = 64  # live sequences per decode step (batched throughput still grows at 64 on 2 cores)
-
-
-def prompt_seed(seed: int, round_: int, prompt_id: str) -> int:
-    """A per-prompt RNG seed that does not depend on the order prompts are visited in."""
-    digest = hashlib.sha256(f"{seed}/{round_}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def candidate_rng(seed: int, idx: int) -> np.random.Generator:
-    """Candidate `idx`'s own RNG stream under a prompt's seed (so batching never changes what it draws)."""
-    return np.random.default_rng([seed, idx])
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities along the last axis, in float64."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_k: int = 0, top_p: float = 1.0,
-         min_p: float = 0.0) -> int:
-    """One token: greedy at temperature 0, else top-k, then top-p, then min-p (llama.cpp's order) at `temperature`."""
-    return int(draw_rows(logits[None], temperature, [rng], top_k, top_p, min_p)[0])
-
-
-def draw_rows(logits: np.ndarray, temperature: float, rngs, top_k: int = 0, top_p: float = 1.0,
-              min_p: float = 0.0) -> np.ndarray:
-    """`draw` for every row of `logits` [n, V] at once, row i drawing one uniform from `rngs[i]`.
-
-    Every step is row-wise, so a row's token does not depend on its batch mates: the batched and the
-    sequential sampler (one row at a time) draw the same tokens from the same streams.
-    """
-    if temperature <= 0:
-        return logits.argmax(axis=1)
-    candidates = _top_candidates(logits, top_k)  # [n, c]: descending logit, ties to the lower token id
-    probs = np.exp(log_softmax(np.take_along_axis(logits, candidates, axis=1) / temperature))
-    keep = np.cumsum(probs, axis=1) - probs < top_p  # the smallest prefix whose mass reaches top_p
-    keep &= probs >= min_p * probs[:, :1]
-    keep[:, 0] = True  # the most likely token always stays
-    # Inverse-CDF sampling over the kept tokens with one uniform per row (what Generator.choice does).
-    cdf = np.cumsum(np.where(keep, probs, 0.0), axis=1)
-    cdf /= cdf[:, -1:]
-    u = np.array([rng.random() for rng in rngs])
-    pick = np.minimum((cdf <= u[:, None]).sum(axis=1), candidates.shape[1] - 1)
-    return candidates[np.arange(len(candidates)), pick]
-
-
-def _top_candidates(logits: np.ndarray, top_k: int) -> np.ndarray:
-    """Each row's `top_k` token ids (all of them when 0), by descending logit, ties to the lower id."""
-    n, v = logits.shape
-    if not 0 < top_k < v:
-        return np.argsort(-logits, axis=1, kind="stable")
-    logits = np.ascontiguousarray(logits)
-    # A cheap superset of the top k instead of a selection over all V: split each row into G strided groups;
-    # the k groups with the largest maxima hold k values >= the k-th largest maximum t, so the top k are >= t.
-    groups = max(top_k, min(512, v))
-    t = np.partition(logits[:, : v // groups * groups].reshape(n, -1, groups).max(axis=1), groups - top_k,
-                     axis=1)[:, groups - top_k]
-    flat = np.flatnonzero(logits >= t[:, None])  # row-major: ascending ids within a row
-    rows, ids = np.divmod(flat, v)
-    order = np.lexsort((-logits.ravel()[flat], rows))  # by row, then descending logit; stable, so ties by id
-    starts = np.searchsorted(rows, np.arange(n))
-    return ids[order[starts[:, None] + np.arange(top_k)]]
-
-
-def _chat_context(tokenizer, prompt: Prompt, n_ctx: int) -> list[int]:
-    context = tokenizer.chat_tokens(chat_messages(prompt))
-    if len(context) + 1 >= n_ctx:
-        raise UserError(f"prompt {prompt.id!r}: {len(context)} tokens do not fit student.n_ctx={n_ctx}")
-    return context
-
-
-def _candidate(tokenizer, prompt_id: str, idx: int, ids: list[int], logps: list[float], finish: str) -> Candidate:
-    text_ids = ids[:-1] if finish == "stop" else ids  # the end-of-turn token is kept in ids, not in the text
-    return Candidate(prompt_id, idx, tokenizer.decode(text_ids), np.array(ids, np.int32),
-                     np.array(logps, np.float32), finish)
-
-
-def _end_of_generation_ids(model, tokenizer) -> set[int]:
-    """Tokens that end a reply: EOS plus every token llama.cpp classes as end-of-generation."""
-    import llama_cpp
-
-    ids = {tokenizer.eos_id}
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        if llama_cpp.llama_vocab_is_eog(vocab, t):
-            ids.add(t)
-    return ids
-
-
-def _sample_all(sampler, prompts: list[Prompt], cfg, seed: int, round_: int,
-                on_prompt: Callable[[Prompt, list[Candidate]], None]):
-    sampler.generate([(p, prompt_seed(seed, round_, p.id)) for p in prompts], cfg.k, cfg.temperature,
-                     cfg.max_tokens, cfg.top_k, cfg.top_p, cfg.min_p, on_prompt)
 
 
 class _Batch:
@@ -270,7 +178,7 @@ def _load_model(path: Path, float_weights: bool | None, threads: int):
     return model
 
 
-class Sampler:
+class Sampler(CandidateSampler):
     """Batched llama.cpp sampling on the student GGUF (+ optional GGUF LoRA): K candidates per prompt, many prompts at once.
 
     `n_ctx` bounds one sequence (prompt + reply), as for `SequentialSampler`. Each `generate` runs up to
@@ -298,6 +206,7 @@ class Sampler:
         self.ctx = self.adapter = None
         self.n_seq = self.kv_cells = 0
         self.streams = False
+        self.on_decode: Callable[[int, int, float], None] | None = None  # the benches time each decode with it
         self.model = _load_model(gguf_path, float_weights, self.threads)
         if adapter_path is not None:
             with quiet_stderr():
@@ -306,10 +215,10 @@ class Sampler:
                 self.close()
                 raise UserError(f"llama.cpp cannot load the LoRA adapter {adapter_path}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-        self.eog = _end_of_generation_ids(self.model, tokenizer)
+        self.eog = end_of_generation_ids(self.model, tokenizer)
 
-    def _context(self, n_seq: int, streams: bool, kv_cells: int, n_batch: int):
-        """A context of at least `n_seq` sequences and `n_batch` tokens a batch, with `kv_cells` cells in one
+    def prepare(self, n_seq: int, streams: bool, kv_cells: int, n_batch: int):
+        """Low level (`generate` and the benches): a context of at least `n_seq` sequences and `n_batch` tokens a batch, with `kv_cells` cells in one
         unified pool or, with `streams`, in each sequence's own stream (the previous context when it fits)."""
         import llama_cpp
 
@@ -359,28 +268,14 @@ class Sampler:
             llama_cpp.llama_model_free(self.model)
         self.model = self.ctx = self.adapter = None
 
-    def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0) -> list[Candidate]:
-        """K candidates for one prompt (seeded by `seed`); the prompt is decoded once and shared by all of them."""
-        out = []
-        self.generate([(prompt, seed)], k, temperature, max_tokens, top_k, top_p, min_p,
-                      lambda p, cands: out.extend(cands))
-        return out
-
-    def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int,
-                   on_prompt: Callable[[Prompt, list[Candidate]], None]):
-        """Sample every prompt with the recipe's [sample] settings; `on_prompt` gets each prompt's K candidates
-        as soon as they are all finished."""
-        _sample_all(self, prompts, cfg, seed, round_, on_prompt)
-
-    def generate(self, jobs: list[tuple[Prompt, int]], k: int, temperature: float, max_tokens: int, top_k: int,
-                 top_p: float, min_p: float, on_prompt: Callable[[Prompt, list[Candidate]], None]):
+    def generate(self, jobs: list[tuple[Prompt, int]], params: SamplingParams, on_prompt: OnPrompt):
         """Sample K candidates for each (prompt, seed), many prompts per decode; `on_prompt` as each prompt ends."""
         import llama_cpp
 
         if not jobs:
             return
-        contexts = [_chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
+        k, max_tokens = params.k, params.max_tokens
+        contexts = [chat_context(self.tokenizer, prompt, self.n_ctx) for prompt, _ in jobs]
         max_slots = llama_cpp.llama_max_parallel_sequences() - 1  # one more sequence holds the shared head
         if k > max_slots:
             raise UserError(f"sample.k={k} exceeds llama.cpp's {max_slots} parallel sequences "
@@ -395,14 +290,14 @@ class Sampler:
         stream_cells = max(len(g.context) + g.max_new for g in groups)
         streams = self.kv_cache == "streams" or self.kv_cache == "auto" and self._streams_pay(unified_cells,
                                                                                               slots, stream_cells)
-        self._context(slots + 1, streams, stream_cells if streams else unified_cells,
+        self.prepare(slots + 1, streams, stream_cells if streams else unified_cells,
                       max(512, max(map(len, contexts)) - len(prefix) + slots))
         batch, head = self.batch, self.n_seq - 1  # the shared head's sequence id: after every slot
         free_cells = float("inf") if streams else self.kv_cells - len(prefix)
         if prefix:
             batch.clear()
             batch.add(prefix, 0, head, False)
-            self._decode(0)
+            self.decode(0)
         live: list[_Seq] = []  # live[i].slot == i: llama.cpp splits a step over ids that are not consecutive
         while groups or live:
             # Admit prompts while K slots (and, unified, their cells) are free: prompt j of them decodes into
@@ -429,14 +324,14 @@ class Sampler:
             batch.clear()
             if streams and new and live:  # llama.cpp gives each stream's prompt a batch of its own anyway
                 add_prompts()
-                prompt_logits = self._decode(len(new)).copy()
+                prompt_logits = self.decode(len(new)).copy()
                 batch.clear()
                 add_steps()
-                step_logits = self._decode(len(live))
+                step_logits = self.decode(len(live))
             else:  # one decode: the live sequences' steps, then the new prompts
                 add_steps()
                 add_prompts()
-                logits = self._decode(len(live) + len(new))
+                logits = self.decode(len(live) + len(new))
                 step_logits, prompt_logits = logits[: len(live)], logits[len(live):]
             seqs, prompt_rows, copy_to = list(live), [], len(live) + len(new)
             for j, g in enumerate(new):
@@ -447,8 +342,8 @@ class Sampler:
                     copy_to += 1
                 prompt_rows += [j] * k
             step = np.concatenate([step_logits, prompt_logits[prompt_rows]]) if new else step_logits
-            tokens = draw_rows(step, temperature, [s.rng for s in seqs], top_k, top_p, min_p)
-            logps = _token_logprobs(step, tokens)
+            tokens = draw_rows(step, params, [s.rng for s in seqs])
+            logps = token_logprobs(step, tokens)
             still, freed = [], []
             for s, token, logp in zip(seqs, tokens.tolist(), logps.tolist()):
                 s.ids.append(token)
@@ -460,7 +355,7 @@ class Sampler:
                 freed.append(s.slot)
                 llama_cpp.llama_memory_seq_rm(self.memory, s.slot, -1, -1)
                 g = s.group
-                g.done.append(_candidate(self.tokenizer, g.prompt.id, s.idx, s.ids, s.logps, finish))
+                g.done.append(make_candidate(self.tokenizer, g.prompt.id, s.idx, s.ids, s.logps, finish))
                 if len(g.done) == k:  # the whole prompt is done: its cells are free again, hand it over
                     free_cells += g.cells
                     on_prompt(g.prompt, sorted(g.done, key=lambda c: c.idx))
@@ -479,11 +374,15 @@ class Sampler:
         return unified_cells > STREAMS_ABOVE_CELLS and padded <= STREAMS_MEMORY_RATIO * unified_cells and \
             padded * _kv_bytes_per_cell(self.model) <= STREAMS_RAM_SHARE * _ram_bytes()
 
-    def _decode(self, n_out: int) -> np.ndarray:
-        """Decode the batch; the logits of its `n_out` output tokens, in batch order (a view, valid until the next)."""
+    def decode(self, n_out: int) -> np.ndarray:
+        """Low level: decode the batch; the logits of its `n_out` output tokens, in batch order (a view, valid
+        until the next). `on_decode`, when set, hears (tokens in the batch, n_out, seconds) of every decode."""
         import llama_cpp
 
+        t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch.struct())
+        if self.on_decode is not None:
+            self.on_decode(self.batch.n, n_out, time.perf_counter() - t0)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {self.batch.n} tokens")
         if not n_out:
@@ -491,17 +390,7 @@ class Sampler:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
 
 
-def _token_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """log_softmax(row)[token] for each row: `log_softmax` without its float64 copy of every row (float32
-    exponentials, pairwise-summed in float32, agree to ~1e-6 over a 49k vocabulary and cost a third of it)."""
-    m = logits.max(axis=1, keepdims=True)
-    e = np.subtract(logits, m)
-    np.exp(e, out=e)
-    lse = np.log(e.sum(axis=1).astype(np.float64)) + m[:, 0]
-    return logits[np.arange(len(tokens)), tokens] - lse
-
-
-class SequentialSampler:
+class SequentialSampler(CandidateSampler):
     """One candidate at a time on llama-cpp-python's `Llama` (+ optional GGUF LoRA): the simple fallback
     (`sample.backend = "llamacpp-sequential"`).
 
@@ -523,7 +412,7 @@ class SequentialSampler:
         self.n_vocab = self.llm.n_vocab()
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
-        self.eog = _end_of_generation_ids(self.llm.model, tokenizer)
+        self.eog = end_of_generation_ids(self.llm.model, tokenizer)
 
     def close(self):
         """Free the model."""
@@ -533,17 +422,16 @@ class SequentialSampler:
         """Logits after the last decoded token (llama.cpp keeps only those unless logits_all)."""
         return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
 
-    def sample(self, prompt: Prompt, k: int, temperature: float, max_tokens: int, seed: int, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0) -> list[Candidate]:
+    def _one_prompt(self, prompt: Prompt, params: SamplingParams, seed: int) -> list[Candidate]:
         """K candidates for one prompt; the first decode of the prompt is shared by all of them."""
-        context = _chat_context(self.tokenizer, prompt, self.n_ctx)
-        max_tokens = min(max_tokens, self.n_ctx - len(context))
+        context = chat_context(self.tokenizer, prompt, self.n_ctx)
+        max_tokens = min(params.max_tokens, self.n_ctx - len(context))
         llm = self.llm
         llm.reset()
         llm.eval(context)
         n_prompt, prompt_logits = llm.n_tokens, self._last_logits()
         out = []
-        for idx in range(k):
+        for idx in range(params.k):
             llm.n_tokens = n_prompt  # rewind: the next eval overwrites the previous candidate's KV
             rng = candidate_rng(seed, idx)
             ids, logps, finish = [], [], "length"
@@ -551,23 +439,17 @@ class SequentialSampler:
             for step in range(max_tokens):
                 if step:
                     logits = self._last_logits()
-                token = draw(logits, temperature, rng, top_k, top_p, min_p)
+                token = draw(logits, params, rng)
                 ids.append(token)
                 logps.append(float(log_softmax(logits)[token]))
                 if token in self.eog:
                     finish = "stop"
                     break
                 llm.eval([token])
-            out.append(_candidate(self.tokenizer, prompt.id, idx, ids, logps, finish))
+            out.append(make_candidate(self.tokenizer, prompt.id, idx, ids, logps, finish))
         return out
 
-    def generate(self, jobs: list[tuple[Prompt, int]], k: int, temperature: float, max_tokens: int, top_k: int,
-                 top_p: float, min_p: float, on_prompt: Callable[[Prompt, list[Candidate]], None]):
+    def generate(self, jobs: list[tuple[Prompt, int]], params: SamplingParams, on_prompt: OnPrompt):
         """K candidates for each (prompt, seed), one prompt after another."""
         for prompt, seed in jobs:
-            on_prompt(prompt, self.sample(prompt, k, temperature, max_tokens, seed, top_k, top_p, min_p))
-
-    def sample_all(self, prompts: list[Prompt], cfg, seed: int, round_: int,
-                   on_prompt: Callable[[Prompt, list[Candidate]], None]):
-        """Sample every prompt with the recipe's [sample] settings, handing each prompt's candidates to `on_prompt`."""
-        _sample_all(self, prompts, cfg, seed, round_, on_prompt)
+            on_prompt(prompt, self._one_prompt(prompt, params, seed))

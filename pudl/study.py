@@ -15,7 +15,6 @@ import dataclasses
 import json
 import re
 import shutil
-import sqlite3
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pudl.cache import fingerprint
+from pudl.cache import Cache, fingerprint
 from pudl.errors import UserError
 from pudl.recipe import Recipe, load_recipe
 
@@ -131,8 +130,11 @@ def _seed_from(source: Path, run_dir: Path):
     if (run_dir / "cache.sqlite").exists() or not (source / "cache.sqlite").exists():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(source / "cache.sqlite") as src, sqlite3.connect(run_dir / "cache.sqlite") as dst:
-        src.backup(dst)  # consistent even if the source has a WAL
+    source_cache = Cache(source / "cache.sqlite")
+    try:
+        source_cache.copy_to(run_dir / "cache.sqlite")
+    finally:
+        source_cache.close()
     if (source / "eval-before.json").exists():
         shutil.copyfile(source / "eval-before.json", run_dir / "eval-before.json")
 

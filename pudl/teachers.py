@@ -21,6 +21,7 @@ from typing import NoReturn, Protocol, runtime_checkable
 
 from pudl.errors import TeacherError, UserError
 from pudl.prompts import Prompt, chat_messages, jsonl_rows
+from pudl.recipe import TeacherConfig
 
 BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
 
@@ -36,46 +37,27 @@ class Teacher(Protocol):
         ...
 
 
-def make_teacher(
-    backend: str,
-    *,
-    base_url: str | None = None,
-    model: str | None = None,
-    api_key_env: str | None = None,
-    path: str | Path | None = None,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    timeout_s: float = 60.0,
-    max_retries: int = 4,
-    backoff_s: float = 1.0,
-) -> Teacher:
-    """Build the teacher for `backend`; a missing or wrong setting is a UserError."""
-    if backend == "openai":
-        if not base_url:
+def make_teacher(cfg: TeacherConfig) -> Teacher:
+    """The teacher of a recipe's [teacher] section; a missing or wrong setting is a UserError."""
+    if cfg.backend == "openai":
+        if not cfg.base_url:
             raise UserError("teacher 'openai' needs a base_url (e.g. http://127.0.0.1:8000/v1)")
-        if not model:
+        if not cfg.model:
             raise UserError("teacher 'openai' needs a model")
-        return OpenAITeacher(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            timeout_s=timeout_s,
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-        )
-    if backend == "llamacpp":
-        if not path:
+        return OpenAITeacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env or None,
+                             max_tokens=cfg.max_tokens, temperature=cfg.temperature, timeout_s=cfg.timeout_s,
+                             max_retries=cfg.max_retries, backoff_s=cfg.backoff_s)
+    if cfg.backend == "llamacpp":
+        if not cfg.path:
             raise UserError("teacher 'llamacpp' needs a path to a .gguf model")
-        return LlamaCppTeacher(path, max_tokens=max_tokens, temperature=temperature)
-    if backend == "jsonl":
-        if not path:
+        return LlamaCppTeacher(cfg.path, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    if cfg.backend == "jsonl":
+        if not cfg.path:
             raise UserError("teacher 'jsonl' needs a path to an anchors file")
-        return JsonlTeacher(path)
-    if backend == "tasks":
+        return JsonlTeacher(cfg.path)
+    if cfg.backend == "tasks":
         return TasksTeacher()
-    raise UserError(f"unknown teacher backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    raise UserError(f"unknown teacher backend {cfg.backend!r} (choose from {', '.join(BACKENDS)})")
 
 
 class _Retry(Exception):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from pudl.atomic_files import atomic_save
 from pudl.distributed import SINGLE, World
-from pudl.errors import UserError, write_failed
+from pudl.errors import UserError
 from pudl.losses import TrainBatch
 from pudl.sequences import SeqBatch, batch_token_logprobs
 
@@ -34,21 +34,6 @@ class TrainResult:
     resumed_from: int
     tokens: int
     seconds: float
-
-
-def atomic_save(path: Path, write: Callable[[str], None]):
-    """Write through `write(tmp_path)` and rename into place, so readers never see half a file. A failed write
-    (disk full: OSError, or MLX's RuntimeError "[write] Unable to write") keeps the previous file, removes the
-    partial one and is one line naming the file."""
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    try:
-        write(str(tmp))
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
-            raise
-        raise UserError(write_failed(path, e)) from None
-    os.replace(tmp, path)
 
 
 def save_checkpoint(directory: Path, student, optimizer, step: int, fingerprint: str):

@@ -1,8 +1,8 @@
 """What rank 0 sends the other training ranks, as bytes that can only ever decode to data.
 
 JSON for the structure, NumPy arrays as raw little-endian bytes after it, and dataclasses only from a fixed
-list of pudl's own (a recipe section, pairs, groups, prompts, candidates): unlike a pickled message, nothing
-received can name a class or function to run.
+list of pudl's own (the training job and what it holds: a recipe section, pairs, groups, prompts,
+candidates): unlike a pickled message, nothing received can name a class or function to run.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ import struct
 
 import numpy as np
 
+from pudl.domain import Candidate, Group, Pair, TrainJob
+from pudl.prompts import Prompt
+from pudl.recipe import TrainConfig
+
 
 def _types() -> dict[str, type]:
-    """The dataclasses a message may hold (imported here: these modules import the training side)."""
-    from pudl.cache import Candidate, Pair
-    from pudl.prefs import Group
-    from pudl.prompts import Prompt
-    from pudl.recipe import TrainConfig
-
-    return {t.__name__: t for t in (Candidate, Pair, Group, Prompt, TrainConfig)}
+    """The dataclasses a message may hold."""
+    return {t.__name__: t for t in (Candidate, Pair, Group, Prompt, TrainConfig, TrainJob)}
 
 
 def encode(obj) -> bytes:

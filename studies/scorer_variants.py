@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pudl.cache import Cache, Candidate
+from pudl.agreement import order_consistency
+from pudl.cache import Cache
+from pudl.domain import Candidate, SamplingParams
 from pudl.models import Tokenizer, load_student, resolve_model_path
 from pudl.prompts import Prompt, chat_messages, load_prompts
-from pudl.agreement import order_consistency
 from pudl.scoring import anchored_messages, chrf
 from pudl.sequences import completion_logprobs
 
@@ -151,7 +152,7 @@ def ensure_candidates(cache: Cache, prompts: list[Prompt], recipe_path: str, tok
     sampler = Sampler(model_path, tokenizer, adapter_gguf, n_ctx=recipe.student.n_ctx, threads=recipe.student.threads)
     started = time.time()
     try:
-        sampler.sample_all(todo, recipe.sample, recipe.run.seed, 1, lambda p, c: cache.put_candidates(1, c))
+        sampler.sample_all(todo, SamplingParams.of(recipe.sample), recipe.run.seed, 1, lambda p, c: cache.put_candidates(1, c))
     finally:
         sampler.close()
     print(f"sampled {len(todo)} prompts x K={recipe.sample.k} in {time.time() - started:.0f} s")

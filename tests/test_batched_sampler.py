@@ -7,8 +7,9 @@ import pytest
 from pudl.adapters import write_gguf_lora
 from pudl.models import Tokenizer, load_student
 from pudl.prompts import Prompt, chat_messages
-from pudl.sampler import (FLOAT_COPY_SHARE, Sampler, SequentialSampler, _token_logprobs, float_copy_fits, log_softmax,
-                          prompt_seed)
+from pudl.domain import SamplingParams
+from pudl.sampler import FLOAT_COPY_SHARE, Sampler, SequentialSampler, float_copy_fits
+from pudl.sampling import log_softmax, prompt_seed, token_logprobs
 from pudl.sequences import batch_token_logprobs, pack
 
 PROMPTS = [
@@ -53,8 +54,8 @@ def generate(sampler, prompts, k, temperature, max_tokens, seed=0, **kw):
         order.append(p.id)
         out[p.id] = cands
 
-    sampler.generate([(p, prompt_seed(seed, 0, p.id)) for p in prompts], k, temperature, max_tokens,
-                     kw.get("top_k", 0), kw.get("top_p", 1.0), kw.get("min_p", 0.0), on_prompt)
+    sampler.generate([(p, prompt_seed(seed, 0, p.id)) for p in prompts],
+                     SamplingParams(k, temperature, max_tokens, **kw), on_prompt)
     return out, order
 
 
@@ -73,7 +74,7 @@ def test_greedy_batched_equals_sequential_with_prompts_of_different_lengths(batc
     got, order = generate(batched, PROMPTS, k=2, temperature=0.0, max_tokens=12)
     assert sorted(order) == sorted(p.id for p in PROMPTS)
     for p in PROMPTS:
-        ref = sequential.sample(p, 1, 0.0, 12, seed=0)[0]
+        ref = sequential.sample(p, SamplingParams(1, 0.0, 12), 0)[0]
         assert [c.idx for c in got[p.id]] == [0, 1]
         for c in got[p.id]:
             assert c.prompt_id == p.id and len(c.token_ids) == len(c.logprobs) <= 12
@@ -89,8 +90,8 @@ def test_quantized_gguf_kept_quantized_equals_sequential(tiny_gguf):
     s = SequentialSampler(tiny_gguf, tok, n_ctx=256, threads=1)
     try:
         for p in PROMPTS[:3]:
-            ref = s.sample(p, 1, 0.0, 10, seed=0)[0]
-            assert_same_tokens(b.sample(p, 1, 0.0, 10, seed=0)[0], ref)
+            ref = s.sample(p, SamplingParams(1, 0.0, 10), 0)[0]
+            assert_same_tokens(b.sample(p, SamplingParams(1, 0.0, 10), 0)[0], ref)
     finally:
         b.close()
         s.close()
@@ -110,7 +111,7 @@ def test_seeded_candidates_differ_reproduce_and_match_the_sequential_streams(bat
             assert_same_tokens(a, b)
         assert ids != [c.token_ids.tolist() for c in other[p.id]]
         # Candidate idx draws from its own stream, so the sequential sampler samples the same candidates.
-        for b, s in zip(first[p.id], sequential.sample(p, 4, 1.0, 10, seed=prompt_seed(7, 0, p.id))):
+        for b, s in zip(first[p.id], sequential.sample(p, SamplingParams(4, 1.0, 10), prompt_seed(7, 0, p.id))):
             assert_same_tokens(b, s)
 
 
@@ -160,11 +161,11 @@ def test_sample_all_uses_the_recipe_settings_and_per_prompt_seeds(batched):
 
     cfg = SampleConfig(k=3, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=5)
     seen = []
-    batched.sample_all(PROMPTS[:2], cfg, seed=11, round_=2, on_prompt=lambda p, c: seen.append((p.id, c)))
+    batched.sample_all(PROMPTS[:2], SamplingParams.of(cfg), seed=11, round_=2, on_prompt=lambda p, c: seen.append((p.id, c)))
     assert sorted(pid for pid, _ in seen) == ["long", "short"]
     for pid, cands in seen:
         p = next(x for x in PROMPTS if x.id == pid)
-        ref = batched.sample(p, 3, 0.8, 5, prompt_seed(11, 2, pid), top_k=20, top_p=0.9, min_p=0.05)
+        ref = batched.sample(p, SamplingParams(3, 0.8, 5, top_k=20, top_p=0.9, min_p=0.05), prompt_seed(11, 2, pid))
         for a, b in zip(cands, ref, strict=True):
             assert_same_tokens(a, b)
 
@@ -236,41 +237,37 @@ def test_auto_kv_cache_turns_to_streams_for_large_jobs_with_the_same_candidates(
 
 
 def test_recipe_sets_the_live_sequences_of_the_run_sampler(tiny_gguf, tmp_path):
-    from pudl.loop import Run
     from pudl.recipe import load_recipe
-    from pudl.report import Reporter
     from tests import recipe_files
 
     path = recipe_files.write_recipe(tmp_path, {"run": {"out": tmp_path / "run"}, "student": {"model": tiny_gguf,
                                                 "threads": 1}, "sample": {"k": 3, "sequences": 7, "kv_cache": "streams"}})
     (tmp_path / "run").mkdir()
-    run = Run(load_recipe(path), Reporter(None, quiet=True))
-    sampler = run.sampler(None)
+    from pudl.runtime import Runtime
+
+    sampler = Runtime(load_recipe(path)).sampler(None)
     try:
         assert sampler.sequences == 7 and sampler.kv_cache == "streams"
     finally:
         sampler.close()
-        run.cache.close()
 
 
 def test_recipe_can_choose_the_sequential_fallback_and_it_samples_the_same_candidates(tiny_gguf_f32, tmp_path,
                                                                                         batched):
-    from pudl.loop import Run
     from pudl.recipe import load_recipe
-    from pudl.report import Reporter
     from tests import recipe_files
 
     path = recipe_files.write_recipe(tmp_path, {"run": {"out": tmp_path / "run"}, "student": {
         "model": tiny_gguf_f32, "threads": 1, "n_ctx": 256}, "sample": {"backend": "llamacpp-sequential"}})
     (tmp_path / "run").mkdir()
-    run = Run(load_recipe(path), Reporter(None, quiet=True))
-    sampler = run.sampler(None)
+    from pudl.runtime import Runtime
+
+    sampler = Runtime(load_recipe(path)).sampler(None)
     try:
         assert isinstance(sampler, SequentialSampler)
         got, _ = generate(sampler, PROMPTS[:2], k=3, temperature=1.0, max_tokens=8, seed=5)
     finally:
         sampler.close()
-        run.cache.close()
     ref, _ = generate(batched, PROMPTS[:2], k=3, temperature=1.0, max_tokens=8, seed=5)
     for p in PROMPTS[:2]:
         for a, b in zip(got[p.id], ref[p.id], strict=True):
@@ -302,7 +299,7 @@ def test_lora_changes_batched_output_like_sequential_and_mlx(tiny_gguf_f32, tok,
     seq_lora = SequentialSampler(tiny_gguf_f32, tok, adapter_path=path, n_ctx=256, threads=1)
     try:
         got, _ = generate(with_lora, PROMPTS, k=2, temperature=0.0, max_tokens=10)
-        refs = {p.id: seq_lora.sample(p, 1, 0.0, 10, seed=0)[0] for p in PROMPTS}
+        refs = {p.id: seq_lora.sample(p, SamplingParams(1, 0.0, 10), 0)[0] for p in PROMPTS}
     finally:
         with_lora.close()
         seq_lora.close()
@@ -319,7 +316,7 @@ def test_vectorised_logprobs_are_log_softmax():
     logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 5
     tokens = np.array([0, 17, 49])
     expected = [log_softmax(row)[t] for row, t in zip(logits, tokens)]
-    assert np.allclose(_token_logprobs(logits, tokens), expected, atol=1e-6)
+    assert np.allclose(token_logprobs(logits, tokens), expected, atol=1e-6)
 
 
 @pytest.mark.integration

@@ -4,7 +4,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from pudl.cache import ANCHOR_IDX, Cache, Candidate, Pair, fingerprint
+from pudl.domain import ANCHOR_IDX, Candidate, Pair
+from pudl.cache import Cache, fingerprint
 from pudl.errors import UserError
 from pudl.prompts import Prompt
 
@@ -26,12 +27,12 @@ def test_roundtrip_and_user_only_permissions(tmp_path):
     for x, y in zip(cands, back):
         assert x.text == y.text and np.array_equal(x.token_ids, y.token_ids) and np.array_equal(x.logprobs, y.logprobs)
     c.put_scores(1, "a", "anchor-likelihood", [0.5, -1.0, 0.2], [0, 2, 1], "ok")
-    c.put_pairs(1, [Pair("a", "anchor-vs-worst", ANCHOR_IDX, 1, None, -3.0, -4.0)])
+    c.put_pairs(1, [Pair("a", "anchor-vs-worst", ANCHOR_IDX, 1, None)])
     c.close()
     c = Cache(tmp_path / "c.sqlite")  # reopen: everything is on disk
     assert c.anchors() == {"a": "anchor a"}
     assert c.scores(1, "anchor-likelihood") == {"a": [0.5, -1.0, 0.2]}
-    assert c.pairs(1)[0] == Pair("a", "anchor-vs-worst", ANCHOR_IDX, 1, None, -3.0, -4.0)
+    assert c.pairs(1)[0] == Pair("a", "anchor-vs-worst", ANCHOR_IDX, 1, None)
     assert c.counts()["candidates"] == 3
 
 

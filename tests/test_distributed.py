@@ -24,7 +24,7 @@ N_PROMPTS, K, EPOCHS = 5, 3, 2  # 5 items in global batches of 4: a full batch, 
 def train_here(gguf: str, out: Path, seed: int, batch_size: int) -> dict:
     """Build fresh random preference data from `seed` and train each of ALGOS on this rank's slices; write
     this rank's losses and LoRA tensors to out/rank-R.npz and return them."""
-    from pudl.cache import Candidate, Pair
+    from pudl.domain import Candidate, Pair
     from pudl.distributed import init_world
     from pudl.losses import LOSSES
     from pudl.models import Tokenizer, load_student

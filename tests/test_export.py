@@ -22,7 +22,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 def run_dir(tiny_gguf, tmp_path_factory):
     """round-1/adapter.safetensors + adapter.gguf of a LoRA with random non-zero A and B, and a small cache."""
     from pudl import adapters
-    from pudl.cache import ANCHOR_IDX, Cache, Candidate, Pair
+    from pudl.domain import ANCHOR_IDX, Candidate, Pair
+    from pudl.cache import Cache
     from pudl.models import load_student
     from pudl.prompts import Prompt
 

@@ -12,7 +12,9 @@ from pudl.mlx_sampler import MLXSampler
 from pudl.models import Tokenizer, load_student
 from pudl.prompts import Prompt, chat_messages
 from pudl.recipe import SampleConfig
-from pudl.sampler import Sampler, prompt_seed
+from pudl.domain import SamplingParams
+from pudl.sampler import Sampler
+from pudl.sampling import prompt_seed
 from tests.hf_tiny import write_tiny_hf
 
 PROMPTS = [Prompt("a", "What is the capital of France?"), Prompt("b", "Name an animal.", system="Be brief.")]
@@ -42,7 +44,7 @@ def test_candidates_differ_are_seeded_and_carry_their_log_probs(tiny):
     sampler = MLXSampler(student, tok, n_ctx=256)
     cfg = SampleConfig(k=4, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=12)
     got = {}
-    sampler.sample_all(PROMPTS, cfg, 3, 1, lambda p, cands: got.__setitem__(p.id, cands))
+    sampler.sample_all(PROMPTS, SamplingParams.of(cfg), 3, 1, lambda p, cands: got.__setitem__(p.id, cands))
     assert set(got) == {"a", "b"}
     for p in PROMPTS:
         cands = got[p.id]
@@ -53,7 +55,7 @@ def test_candidates_differ_are_seeded_and_carry_their_log_probs(tiny):
             assert c.finish in ("stop", "length") and (c.finish == "stop") == (int(c.token_ids[-1]) in sampler.eog)
             ref = _lp(student, context, c.token_ids.tolist())
             assert np.abs(ref - c.logprobs).max() < 1e-4
-    again = sampler.sample(PROMPTS[0], 4, 1.0, 12, seed=prompt_seed(3, 1, "a"))
+    again = sampler.sample(PROMPTS[0], SamplingParams(4, 1.0, 12), prompt_seed(3, 1, "a"))
     assert [c.token_ids.tolist() for c in again] == [c.token_ids.tolist() for c in got["a"]]  # seeded
     sampler.close()
 
@@ -71,8 +73,8 @@ def test_greedy_and_seeded_sampling_equal_llama_cpp_on_f32(tiny, tmp_path):
         mlx, lcpp = MLXSampler(student, tok, lora, n_ctx=256), Sampler(path, tok, lora, n_ctx=256, threads=1)
         try:
             for temperature, k in ((0.0, 1), (0.8, 3)):
-                a = mlx.sample(PROMPTS[0], k, temperature, 16, seed=11, top_k=40, top_p=0.95, min_p=0.05)
-                b = lcpp.sample(PROMPTS[0], k, temperature, 16, seed=11, top_k=40, top_p=0.95, min_p=0.05)
+                a = mlx.sample(PROMPTS[0], SamplingParams(k, temperature, 16, top_k=40, top_p=0.95, min_p=0.05), 11)
+                b = lcpp.sample(PROMPTS[0], SamplingParams(k, temperature, 16, top_k=40, top_p=0.95, min_p=0.05), 11)
                 for x, y in zip(a, b):
                     assert x.token_ids.tolist() == y.token_ids.tolist()
                     assert np.abs(x.logprobs - y.logprobs).max() < 1e-3
@@ -92,10 +94,10 @@ def test_base_model_when_no_adapter(tiny):
     for layer in student.lora_layers.values():
         layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
     with_lora = MLXSampler(student, tok, n_ctx=256)
-    base = with_lora.sample(PROMPTS[1], 1, 0.0, 16, seed=0)[0]
+    base = with_lora.sample(PROMPTS[1], SamplingParams(1, 0.0, 16), 0)[0]
     with_lora.close()
     lcpp = Sampler(path, tok, None, n_ctx=256, threads=1)
-    ref = lcpp.sample(PROMPTS[1], 1, 0.0, 16, seed=0)[0]
+    ref = lcpp.sample(PROMPTS[1], SamplingParams(1, 0.0, 16), 0)[0]
     lcpp.close()
     assert base.token_ids.tolist() == ref.token_ids.tolist()  # adapter None = the base model, as with llama.cpp
 
@@ -108,8 +110,8 @@ def test_smollm2_mlx_sampler_equals_llama_cpp_sampler(smollm2):
     mlx, lcpp = MLXSampler(student, tok, n_ctx=512), Sampler(smollm2, tok, n_ctx=512, threads=2)
     try:
         for temperature, k in ((0.0, 1), (0.9, 3)):
-            a = mlx.sample(PROMPTS[0], k, temperature, 16, seed=5, top_k=40, top_p=0.95, min_p=0.05)
-            b = lcpp.sample(PROMPTS[0], k, temperature, 16, seed=5, top_k=40, top_p=0.95, min_p=0.05)
+            a = mlx.sample(PROMPTS[0], SamplingParams(k, temperature, 16, top_k=40, top_p=0.95, min_p=0.05), 5)
+            b = lcpp.sample(PROMPTS[0], SamplingParams(k, temperature, 16, top_k=40, top_p=0.95, min_p=0.05), 5)
             for x, y in zip(a, b):
                 assert x.token_ids.tolist() == y.token_ids.tolist()
                 assert np.abs(x.logprobs - y.logprobs).max() < 1e-3
@@ -129,7 +131,7 @@ def test_prompts_batched_together_sample_as_alone(tiny):
                  lambda: MLXSampler(student, tok, n_ctx=256, rows=1),  # one prompt at a time
                  lambda: Sampler(path, tok, n_ctx=256, threads=1)):
         sampler, got = make(), {}
-        sampler.sample_all(prompts, cfg, 9, 2, lambda p, cands: got.__setitem__(p.id, cands))
+        sampler.sample_all(prompts, SamplingParams.of(cfg), 9, 2, lambda p, cands: got.__setitem__(p.id, cands))
         sampler.close()
         results.append(got)
     batched, alone, lcpp = results

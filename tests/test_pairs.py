@@ -1,8 +1,8 @@
 import numpy as np
 
-from pudl.cache import ANCHOR_IDX, Candidate
+from pudl.domain import ANCHOR_IDX, Candidate
 from pudl.agreement import roc_auc
-from pudl.scoring import group_status, make_pairs, rank
+from pudl.pairs import group_status, make_pairs, rank
 
 
 def cands(*texts):

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pudl.cache import Candidate
+from pudl.domain import Candidate
 from pudl.losses import LOSSES, TrainBatch
 from pudl.prompts import Prompt
 from pudl.agreement import average_ranks, order_consistency, roc_auc, spearman

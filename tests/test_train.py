@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pudl.cache import ANCHOR_IDX, Candidate, Pair
+from pudl.domain import ANCHOR_IDX, Candidate, Pair
 from pudl.losses import LOSSES
 from pudl.models import Tokenizer, load_student
 from pudl.prefs import Completions, dpo_batches, group_batches, make_groups, needed_references
