@@ -155,15 +155,30 @@ def _bits(weight: mx.array, scales: mx.array) -> int:
     return weight.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
 
 
+def _read_gguf(path: Path, keep_packed: bool, dtype) -> tuple[dict, dict]:
+    """(tensors as mx.load names them, metadata): mx.load where it reads every tensor exactly, else pudl.gguf_quants."""
+    from pudl import gguf_quants
+
+    try:
+        header, tensors = gguf_quants.read_header(path)  # its own UserErrors name the file and what is wrong
+    except (OSError, ValueError) as e:  # unreadable, or empty (mmap refuses a 0-byte file)
+        raise UserError(f"student.model: cannot read {path} as GGUF ({e})") from None
+    if gguf_quants.needs_exact_reader(tensors):
+        return gguf_quants.read_tensors(path, tensors, keep_packed, dtype), header
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except Exception as e:  # a truncated or foreign file: MLX raises a bare RuntimeError/ValueError
+        raise UserError(f"student.model: cannot read {path} as GGUF ({e})") from None
+
+
 def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[dict, dict, dict]:
     """GGUF -> (mlx-named weights, metadata, {module path: bits} of layers kept quantized).
 
-    Dequantized and plain tensors are cast to `dtype` (float32 on CPU, where half precision is slow).
+    Dequantized and plain tensors are cast to `dtype` (float32 on CPU, where half precision is slow). A file
+    with a tensor type mx.load cannot read exactly (K-quants, IQ-quants, Q5_0/Q5_1, BF16, ...) is read by
+    `pudl.gguf_quants` instead: each tensor decoded as llama.cpp decodes it.
     """
-    try:
-        raw, meta = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # a truncated or foreign file: MLX raises a bare RuntimeError/ValueError
-        raise UserError(f"student.model: cannot read {path} as GGUF ({e})") from None
+    raw, meta = _read_gguf(path, keep_packed=not dequantize, dtype=dtype)
     weights, quant_bits = {}, {}
     for name, value in raw.items():
         if name.endswith((".scales", ".biases")):

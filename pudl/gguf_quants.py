@@ -1,0 +1,223 @@
+"""GGUF tensors of every type llama.cpp writes, as the exact float values llama.cpp computes with.
+
+`mx.load` reads F32, F16, Q4_0, Q4_1 and Q8_0 exactly (the Q blocks as MLX quantized tensors). Any other type
+either fails the whole file (Q5_0, Q5_1, IQ4_NL...) or comes back rounded to float16 (Q4_K, Q6_K, BF16...:
+MLX converts them with gguflib's `gguf_tensor_to_f16`), which is not what llama.cpp computes with. Such a file
+is read here instead: a small header parser (gguf.GGUFReader builds a Python object per tokenizer string,
+seconds for a 49k vocabulary), the tensor bytes memory-mapped, and each tensor decoded by
+`gguf.quants.dequantize`, whose numpy decoders follow ggml's reference ones (`dequantize_row_*`). Every product
+in those decoders (a float16 scale times small integers) is exact in float32, so the order of operations
+cannot change a bit; tests/test_quant_types.py checks bit equality against llama.cpp's own decoding.
+
+Q4_0 / Q4_1 / Q8_0 tensors of such a file are repacked into MLX's quantized layout, as mx.load would give
+them, so `student.weights = "quantized"` keeps them quantized.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pudl.errors import UserError
+
+F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8  # ggml type ids (ggml.h)
+MX_EXACT = frozenset({F32, F16, Q4_0, Q4_1, Q8_0})  # what mx.load reads without rounding
+MX_PACKED = frozenset({Q4_0, Q4_1, Q8_0})  # repacked into MLX's quantized layout (group 32)
+SMALL_ARRAY = 64  # metadata arrays longer than this (tokenizer tables) are skipped, not decoded
+PROGRESS_AFTER_S = 2.0  # a load that takes longer shows which tensor it is at
+
+# GGUF metadata value types: struct format of the scalars (8 = string, 9 = array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: ggml type id, numpy-order shape, absolute byte offset and size."""
+
+    name: str
+    qtype: int
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        """The ggml type's name (Q4_K, IQ4_NL...), or its id where gguf-py does not know it."""
+        from gguf import GGMLQuantizationType
+
+        try:
+            return GGMLQuantizationType(self.qtype).name
+        except ValueError:
+            return f"ggml type {self.qtype}"
+
+
+class _Cursor:
+    """Sequential little-endian reads over the file's bytes."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise UserError(f"student.model: {self.path} is truncated (GGUF header ends early)")
+        value = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value[0] if len(value) == 1 else value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        raw = bytes(self.buf[self.pos: self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        """One metadata value; long arrays are skipped (None), short ones become lists."""
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype != 9:
+            raise UserError(f"student.model: {self.path} has an unknown GGUF metadata type {vtype}")
+        etype, n = self.unpack("<I"), self.unpack("<Q")
+        if etype in _SCALARS:
+            size = struct.calcsize(_SCALARS[etype])
+            start, self.pos = self.pos, self.pos + n * size
+            if n > SMALL_ARRAY:
+                return None
+            return list(struct.unpack_from("<" + _SCALARS[etype][1] * n, self.buf, start))
+        values = [self.value(etype) for _ in range(n)]
+        return values if n <= SMALL_ARRAY else None
+
+
+def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """A GGUF's metadata (scalars, strings, short arrays) and tensor table, without reading tensor data."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        cur = _Cursor(buf, path)
+        if cur.unpack("<4s") != b"GGUF":
+            raise UserError(f"student.model: {path} is not a GGUF file")
+        version, n_tensors, n_kv = cur.unpack("<I"), cur.unpack("<Q"), cur.unpack("<Q")
+        if version < 2:
+            raise UserError(f"student.model: {path} is GGUF version {version}; only 2 and 3 are read")
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            value = cur.value(cur.unpack("<I"))
+            if value is not None:
+                meta[key] = value
+        raw = []
+        for _ in range(n_tensors):
+            name, n_dims = cur.string(), cur.unpack("<I")
+            ne = [cur.unpack("<Q") for _ in range(n_dims)]
+            raw.append((name, cur.unpack("<I"), tuple(reversed(ne)), cur.unpack("<Q")))
+        align = int(meta.get("general.alignment", 32))
+        data_start = -(-cur.pos // align) * align
+        size = len(buf)
+    tensors = []
+    for name, qtype, shape, offset in raw:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise UserError(f"student.model: tensor {name} of {path} has ggml type {qtype}, which this gguf-py "
+                            "(the `gguf` package) does not know; requantize it with llama-quantize (e.g. Q4_K_M)") from None
+        n = int(np.prod(shape)) if shape else 1
+        info = TensorInfo(name, qtype, shape, data_start + offset, n // block * type_size)
+        if info.offset + info.nbytes > size:
+            raise UserError(f"student.model: {path} is truncated (tensor {name} ends past the end of the file)")
+        tensors.append(info)
+    return meta, tensors
+
+
+def needs_exact_reader(tensors: list[TensorInfo]) -> bool:
+    """Whether mx.load would fail on or round some tensor of the file."""
+    return any(t.qtype not in MX_EXACT for t in tensors)
+
+
+def dequantize(data: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """A tensor's float32 values from its raw bytes (gguf-py's decoders, ggml's arithmetic)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    qtype = GGMLQuantizationType(info.qtype)
+    rows = data.reshape(-1, data.size // max(1, int(np.prod(info.shape[:-1]))))
+    try:
+        values = gguf_dequantize(rows, qtype)
+    except NotImplementedError:
+        raise UserError(f"student.model: tensor {info.name} has type {qtype.name}, which gguf-py (the `gguf` "
+                        "package) cannot dequantize; requantize the model with llama-quantize (e.g. Q4_K_M)") from None
+    return values.reshape(info.shape)
+
+
+def mlx_packed(data: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0 / Q4_1 / Q8_0 blocks as MLX's (weight uint32, scales, biases) at group size 32, as mx.load reads them.
+
+    MLX computes scale * code + bias per group of 32: Q4_0 is d * (code - 8) (bias -8d), Q4_1 d * code + m,
+    Q8_0 d * q with q = code - 128. The float16 scale times a small integer is exact, so are the biases."""
+    rows = int(np.prod(info.shape[:-1]))
+    per_row = info.shape[-1] // 32
+    blocks = data.reshape(rows, per_row, -1)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
+    if info.qtype == Q8_0:
+        codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return codes.reshape(rows, -1).view(np.uint32), d, (d.astype(np.float32) * -128).astype(np.float16)
+    if info.qtype == Q4_0:
+        qs, bias = blocks[..., 2:], (d.astype(np.float32) * -8).astype(np.float16)
+    else:  # Q4_1
+        qs, bias = blocks[..., 4:], blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    # a block's 16 bytes hold element i in the low nibble and element i + 16 in the high one; MLX packs
+    # element k of each 8 into bits 4k of a uint32 (two elements per byte, low nibble first)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return packed.reshape(rows, -1).view(np.uint32), d, bias
+
+
+class _Progress:
+    """A one-line progress count on stderr, shown only when a load turns out slow and stderr is a terminal."""
+
+    def __init__(self, path: Path, total: int):
+        self.path, self.total, self.t0, self.shown = path, total, time.perf_counter(), False
+
+    def update(self, done: int):
+        if not sys.stderr.isatty() or time.perf_counter() - self.t0 < PROGRESS_AFTER_S:
+            return
+        self.shown = True
+        print(f"\rdequantizing {self.path.name}: {100 * done // max(1, self.total)} %", end="", file=sys.stderr,
+              flush=True)
+
+    def close(self):
+        if self.shown:
+            print(f"\rdequantized {self.path.name} in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr)
+
+
+def read_tensors(path: Path, tensors: list[TensorInfo], keep_packed: bool, dtype) -> dict:
+    """The tensors as mx.load names them: floats cast to `dtype`, or, when `keep_packed`, Q4_0 / Q4_1 / Q8_0
+    as name.weight / name.scales / name.biases (MLX quantized layout)."""
+    import mlx.core as mx
+
+    out = {}
+    progress = _Progress(path, sum(t.nbytes for t in tensors))
+    done = 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for info in tensors:
+            data = np.frombuffer(buf, np.uint8, info.nbytes, info.offset)
+            if keep_packed and info.qtype in MX_PACKED and info.name.endswith(".weight"):
+                stem = info.name[: -len(".weight")]
+                weight, scales, biases = mlx_packed(data, info)
+                out[info.name] = mx.array(weight)
+                out[stem + ".scales"], out[stem + ".biases"] = mx.array(scales), mx.array(biases)
+            else:
+                out[info.name] = mx.array(dequantize(data, info)).astype(dtype)
+            mx.eval(out[info.name])  # the numpy copy is freed before the next tensor
+            del data
+            done += info.nbytes
+            progress.update(done)
+    progress.close()
+    return out
