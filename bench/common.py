@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from pudl.atomic_files import dumps
+
 DECODE_FLOPS_PER_PARAM = 2
 TRAIN_FLOPS_PER_PARAM = 6
 
@@ -118,11 +120,11 @@ def report_main(module: str, result: dict, argv, json_out, lines, plot):
     --json-out F.json), the readable lines on stderr, the JSON object as the last line of stdout."""
     result["command"] = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_out).write_text(dumps(result, indent=2) + "\n")
         plot(result, Path(json_out).with_suffix(".png"))
     for line in lines(result):
         print(line, file=sys.stderr)
-    print(json.dumps(result))
+    print(dumps(result))
 
 
 def thread_env(threads: int) -> dict:

@@ -16,11 +16,11 @@ or `pudl bench sampling`; the last line of stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
+from pudl.atomic_files import dumps
 from pudl.bench import common
 
 PEERS = ("pudl", "sequential", "mlx")
@@ -61,7 +61,7 @@ def run(prompts: int = 8, k: int = 4, max_tokens: int = 32, json_out=None, repea
     common.add_ceiling(result, "decode", result["n_params"])
     common.finish(result)
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_out).write_text(dumps(result, indent=2) + "\n")
     return result
 
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)  # a subprocess of `run`
     a = parser.parse_args(argv)
     if a.peer:
-        print(json.dumps(_peer(a.peer, a.prompts, a.k, a.max_tokens, a.threads or os.cpu_count())))
+        print(dumps(_peer(a.peer, a.prompts, a.k, a.max_tokens, a.threads or os.cpu_count())))
         return
     result = run(a.prompts, a.k, a.max_tokens, a.json_out, a.repeats, a.threads, a.tiny)
     common.report_main("pudl.bench.sampling", result, argv, a.json_out, lines, plot)

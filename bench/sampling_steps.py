@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pudl.atomic_files import dumps
 from pudl.bench import common
 from pudl.domain import SamplingParams
 
@@ -324,7 +324,7 @@ def main(argv=None):
         for kind, rate in result["floor_tok_s"].items():
             print(f"{kind:>5} replay floor {rate:7.1f} tok/s = {result['floor_over_pudl'][kind]:.2f}x pudl's job, "
                   f"{result['floor_ratio_vs_sequential'][kind]:.2f}x sequential")
-        print(json.dumps(result))
+        print(dumps(result))
         return
     if a.layouts:
         result = layouts(a.prompts, a.k, a.max_tokens, a.repeats, a.threads)
@@ -332,14 +332,14 @@ def main(argv=None):
             f"{n} {v:.1f} tok/s" for n, v in result["median_tok_s"].items()) +
             f" (medians of {a.repeats}); streams / unified {result['streams_over_unified']:.2f}; "
             f"auto picks {result['auto_picks']}")
-        print(json.dumps(result))
+        print(dumps(result))
         return
     if a.scan:
         result = scan(threads=a.threads)
         for key in ("unified_ms", "streams_ms", "streams_every_other_ms"):
             for c, row in result[key].items():
                 print(f"{key[:-3]:>20} {c:5d} cells: " + "  ".join(f"n={n} {ms:6.1f} ms" for n, ms in row.items()))
-        print(json.dumps(result))
+        print(dumps(result))
         return
     result = run(a.prompts, a.k, a.max_tokens, a.repeats, a.types.split(","), a.threads)
     for kind, rate in result["tok_s"].items():
@@ -351,7 +351,7 @@ def main(argv=None):
         print(f"f32 step = {f['fixed_ms']:.1f} ms + {f['per_token_ms']:.2f} ms x tokens "
               f"({f['steps']} steps, {f['mean_tokens_per_step']:.1f} tokens each on average; the fixed part is "
               f"{f['fixed_share_of_decode']:.0%} of decode time)")
-    print(json.dumps(result))
+    print(dumps(result))
 
 
 if __name__ == "__main__":

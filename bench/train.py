@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pudl.atomic_files import dumps
 from pudl.bench import common
 
 PEERS = ("pudl", "pudl_quantized", "pudl_no_recompute", "mlx_lm_lora", "trl")
@@ -62,7 +63,7 @@ def make_pairs(n: int, out: Path) -> dict:
                       "rejected_ids": tok.answer_tokens(rejected)})
     data = {"pairs": pairs, "tokens": sum(2 * len(q["prompt_ids"]) + len(q["chosen_ids"]) + len(q["rejected_ids"])
                                           for q in pairs)}
-    out.write_text(json.dumps(data))
+    out.write_text(dumps(data))
     return data
 
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None):
     if a.peer:
         result = _peer(a.peer, Path(a.work), a.threads or os.cpu_count(), a.profile)
         sys.stdout.flush()
-        print(json.dumps(result))
+        print(dumps(result))
         return
     result = run(a.tiny, a.pairs, a.threads, a.profile, tuple(a.only or PEERS))
     common.report_main("pudl.bench.train", result, argv, a.json_out, lines, plot)

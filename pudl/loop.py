@@ -80,10 +80,10 @@ class Run:
         self.run_dir = Path(recipe.run.out)
         self.cache = Cache(self.run_dir / "cache.sqlite")
         self.stages = Stages(self.cache, reporter)
+        self.prompts = load_prompts(recipe.data.prompts)  # a bad prompts file fails before a model is read
+        self.eval_prompts = load_prompts(recipe.data.eval) if recipe.data.eval else []
         self.runtime = Runtime(recipe)
         self.tokenizer = self.runtime.tokenizer
-        self.prompts = load_prompts(recipe.data.prompts)
-        self.eval_prompts = load_prompts(recipe.data.eval) if recipe.data.eval else []
         self.usable, self.too_long = self._fitting(self.prompts, "training")
         self.eval_prompts, _ = self._fitting(self.eval_prompts, "held-out")
         self.teacher_calls = 0

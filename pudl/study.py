@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pudl.atomic_files import dumps
 from pudl.cache import Cache, fingerprint
 from pudl.errors import UserError
 from pudl.recipe import Recipe, load_recipe
@@ -181,7 +182,7 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say, execute: b
         # Nothing was computed (e.g. a recipe key that does not touch any stage): the arm's cost is still the
         # run that computed its stages, not this check.
         row["wall_seconds"], row["phase_seconds"] = kept["row"]["wall_seconds"], kept["row"]["phase_seconds"]
-    record.write_text(json.dumps({"recipe_key": key, "row": row}, indent=1, default=float))
+    record.write_text(dumps({"recipe_key": key, "row": row}, indent=1))
     return row
 
 
@@ -286,7 +287,7 @@ def run_study(study: Study, reporter_factory, say=print, only: tuple[str, ...] =
     base_rows = [(a, base_row(rows, seed)) for a in study.arms if a.base for seed in study.seeds]
     rows += [{**row, "arm": a.name} for a, row in base_rows if row is not None]
     result = aggregate(study, rows)
-    (out / "study.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "study.json").write_text(dumps(result, indent=1))  # an arm without results: null
     (out / "study.md").write_text(markdown(result))
     bar_chart(result, out / "study.png")
     return result

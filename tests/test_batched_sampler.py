@@ -333,3 +333,12 @@ def test_smollm2_batched_candidates_match_mlx(smollm2):
         mlx = np.array(batch_token_logprobs(student, batch))
         for i, c in enumerate(got[p.id]):
             assert np.abs(mlx[i][np.array(batch.mask)[i] > 0] - c.logprobs).max() < 0.1
+
+
+def test_an_exception_inside_the_with_block_closes_the_sampler(tiny_gguf_f32):
+    tok = Tokenizer(tiny_gguf_f32)
+    with pytest.raises(ZeroDivisionError):
+        with Sampler(tiny_gguf_f32, tok, n_ctx=256, threads=1) as s:
+            assert s.model is not None
+            _ = 1 / 0
+    assert s.model is None and s.ctx is None  # model and context freed

@@ -164,11 +164,12 @@ def test_two_ranks_train_what_one_rank_trains_with_the_doubled_batch(tiny_gguf_f
     assert (tmp_path / "two" / "ckpt-dpo-0" / "checkpoint.json").exists()
 
 
-def write_recipe(tmp_path: Path, name: str, model: Path, batch_size: int, seed: int) -> Path:
+def write_recipe(tmp_path: Path, name: str, model: Path, batch_size: int, seed: int, quant: str = "q8_0") -> Path:
     from tests import recipe_files  # here, not at the top: this file also runs as a script under mlx.launch
 
     return recipe_files.write_recipe(tmp_path, {
-        "run": {"out": tmp_path / name, "seed": seed}, "student": {"model": model, "n_ctx": 256, "threads": 1},
+        "run": {"out": tmp_path / name, "seed": seed},
+        "student": {"model": model, "quant": quant, "n_ctx": 256, "threads": 1},
         "sample": {"k": 3, "max_tokens": 10},
         "train": {"epochs": 2, "batch_size": batch_size, "learning_rate": 5e-3},
         "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}, prompts=4, name=name)
@@ -179,15 +180,21 @@ def step_losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "step"]
 
 
-def test_pudl_run_under_mlx_launch_matches_one_process(tiny_gguf_f32, tmp_path):
+def test_pudl_run_under_mlx_launch_matches_one_process(tmp_path, monkeypatch):
     """`mlx.launch -n 2 -- pudl run` on the cache of a 1-process run with the doubled batch: rank 0 reuses the
-    cached preferences, both ranks train, and the adapter and per-step losses are the 1-process ones."""
+    cached preferences, both ranks train, and the adapter and per-step losses are the 1-process ones. The
+    student is a Hugging Face directory converted with student.quant = f16: every rank must train on those
+    weights (a rank that converted it with the default q8_0 would compute other losses)."""
+    from tests.hf_tiny import write_tiny_hf
+
     seed = int(np.random.default_rng().integers(1 << 20))
-    one = write_recipe(tmp_path, "one", tiny_gguf_f32, 4, seed)
+    monkeypatch.setenv("PUDL_CACHE_DIR", str(tmp_path / "gguf-cache"))  # the subprocesses inherit it
+    hf = write_tiny_hf(tmp_path / "hf", "llama", seed=seed)
+    one = write_recipe(tmp_path, "one", hf, 4, seed, quant="f16")
     proc = subprocess.run([sys.executable, "-m", "pudl.cli", "run", str(one), "--quiet"], capture_output=True,
                           text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = write_recipe(tmp_path, "two", tiny_gguf_f32, 2, seed)
+    two = write_recipe(tmp_path, "two", hf, 2, seed, quant="f16")
     (tmp_path / "two").mkdir()
     shutil.copyfile(tmp_path / "one" / "cache.sqlite", tmp_path / "two" / "cache.sqlite")
     proc = launch(2, [sys.executable, "-m", "pudl.cli", "run", str(two), "--quiet"], timeout=600)
@@ -198,9 +205,10 @@ def test_pudl_run_under_mlx_launch_matches_one_process(tiny_gguf_f32, tmp_path):
 
     from mlx.core import load
 
-    from pudl.models import load_student
+    from pudl.models import load_student, resolve_model_path
 
-    init = load_student(tiny_gguf_f32, 4, 16.0, ["q_proj", "v_proj"], seed=seed).lora_state()  # the recipe's LoRA
+    f16 = resolve_model_path(str(hf), "f16")
+    init = load_student(f16, 4, 16.0, ["q_proj", "v_proj"], seed=seed).lora_state()  # the recipe's LoRA
     w1, w2 = ({"lora/" + k: np.array(v) for k, v in load(str(tmp_path / d / "round-1" / "adapter.safetensors")).items()}
               for d in ("one", "two"))
     assert w1.keys() == w2.keys() == {"lora/" + k for k in init}

@@ -1,14 +1,12 @@
 """`pudl run` end to end on the real SmolLM2 GGUF: 2 prompts x 2 candidates, then a rerun from the cache."""
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tests import recipe_files
+from tests.conftest import assert_strict_json_run_files, pudl
 
 pytestmark = pytest.mark.integration
 
@@ -18,11 +16,6 @@ def write_recipe(tmp_path: Path, rounds: int = 1) -> Path:
         "run": {"out": tmp_path / "run", "rounds": rounds}, "sample": {"k": 2, "max_tokens": 12},
         "train": {"epochs": 1, "batch_size": 2}, "lora": {"rank": 4, "targets": ["q_proj", "v_proj"]},
         "eval": {"max_tokens": 8}}, prompts=2, eval_prompts=2)
-
-
-def pudl(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pudl.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900)
 
 
 def rows(db: Path, table: str) -> int:
@@ -53,6 +46,7 @@ def test_run_end_to_end_then_rerun_uses_the_cache(tmp_path):
                 "tokens_per_s", "peak_memory_bytes"):
         assert key in step
     assert oct(run.stat().st_mode & 0o777) == "0o700"
+    assert_strict_json_run_files(run)  # e.g. an AUC over a family with one class is null, not NaN
     with sqlite3.connect(db) as c:  # token ids and sampler log-probs are kept per candidate
         ids, lps = c.execute("SELECT token_ids, logprobs FROM candidates LIMIT 1").fetchone()
         assert len(ids) == len(lps) > 0

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -29,6 +27,8 @@ import pytest
 
 from tests.openai_server import OpenAIServer
 from tests import recipe_files
+from tests.conftest import assert_one_line_error as one_line_error
+from tests.conftest import pudl as run_pudl
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV, KEY = "PUDL_RELIABILITY_KEY", "sk-rel-5b7e2d-must-never-be-written"
@@ -36,27 +36,14 @@ TASKS = (ROOT / "recipes/data/tasks-train.jsonl").read_text().splitlines()[:3]  
 GOOD_PROMPTS = TASKS[0] + "\n"
 
 
-def pudl(*args, env=None, fsize=None, popen=False, timeout=900):
-    """`pudl ARGS` as a real subprocess (the API key is always in its environment: it must never leak)."""
-    env = {**os.environ, "COLUMNS": "200", KEY_ENV: KEY, **(env or {})}
-    cmd = [sys.executable, "-m", "pudl.cli", *args]
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-    def limit_file_size():  # `ulimit -f`: a write past `fsize` bytes fails with EFBIG, like a full disk
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (pudl ignores it too; this covers interpreter start-up)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                          preexec_fn=limit_file_size if fsize else None)
+def pudl(*args, env=None, **options):
+    """`pudl ARGS` as a real subprocess with the API key always in its environment (it must never leak)."""
+    return run_pudl(*args, env={KEY_ENV: KEY, **(env or {})}, **options)
 
 
 def assert_one_line_error(out, needle: str):
-    """Exit code 2, no traceback, and exactly one line on stderr that contains `needle`."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    lines = out.stderr.strip().splitlines()
-    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    """The one-line error contract, and the key appears in no output."""
+    one_line_error(out, needle)
     assert KEY not in out.stderr + out.stdout
 
 
@@ -99,47 +86,9 @@ def assert_private_and_keyless(run: Path, *outputs, private: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Bad input: one clear line, exit code 2, no traceback (tests/test_cli.py and tests/test_recipe.py hold more).
+# Bad input: one clear line, exit code 2, no traceback (the recipe and prompts matrix: tests/test_cli.py).
 
 BASE = '[data]\nprompts = "p.jsonl"\n'
-BAD_RECIPES = [  # (id, recipe body, prompts file, extra args, needle)
-    ("temperature<0", BASE + "[sample]\ntemperature = -1\n", GOOD_PROMPTS, [], "sample.temperature: -1.0 is below"),
-    ("rank=0", BASE + "[lora]\nrank = 0\n", GOOD_PROMPTS, [], "lora.rank: 0 is below the minimum 1"),
-    ("top_p=0", BASE + "[sample]\ntop_p = 0\n", GOOD_PROMPTS, [], "sample.top_p"),
-    ("lr>1", BASE + "[train]\nlearning_rate = 2.0\n", GOOD_PROMPTS, [], "train.learning_rate: 2.0 is above"),
-    ("bool-for-int", BASE + "[train]\nepochs = true\n", GOOD_PROMPTS, [], "train.epochs: expected int"),
-    ("unknown-section", BASE + "[samples]\nk = 3\n", GOOD_PROMPTS, [], "[samples]: unknown section"),
-    ("bad-choice", BASE + '[rank]\nscorer = "vibes"\n', GOOD_PROMPTS, [], "rank.scorer: 'vibes' is not one of"),
-    ("bad-target", BASE + '[lora]\ntargets = ["qq_proj"]\n', GOOD_PROMPTS, [], "lora.targets"),
-    ("empty-targets", BASE + "[lora]\ntargets = []\n", GOOD_PROMPTS, [], "lora.targets: must not be empty"),
-    ("concurrency=0", BASE + "[teacher]\nmax_concurrency = 0\n", GOOD_PROMPTS, [], "teacher.max_concurrency"),
-    ("checkpoint_every=0", BASE + "[train]\ncheckpoint_every = 0\n", GOOD_PROMPTS, [], "train.checkpoint_every"),
-    ("no-prompts-key", "[sample]\nk = 2\n", GOOD_PROMPTS, [], "data.prompts: required"),
-    ("eval-missing", BASE + 'eval = "nope.jsonl"\n', GOOD_PROMPTS, [], "data.eval: file not found"),
-    ("brackets-in-path", '[data]\nprompts = "in[key]/p.jsonl"\n', GOOD_PROMPTS, [], "in[key]/p.jsonl"),
-    ("jsonl-no-path", BASE + '[teacher]\nbackend = "jsonl"\n', GOOD_PROMPTS, [], "teacher.path: required"),
-    ("jsonl-missing", BASE + '[teacher]\nbackend = "jsonl"\npath = "a.jsonl"\n', GOOD_PROMPTS, [],
-     "teacher.path: file not found"),
-    ("openai-no-url", BASE + '[teacher]\nbackend = "openai"\nmodel = "m"\n', GOOD_PROMPTS, [], "teacher.base_url"),
-    ("openai-ftp", BASE + '[teacher]\nbackend = "openai"\nmodel = "m"\nbase_url = "ftp://h/v1"\n', GOOD_PROMPTS, [],
-     "teacher.base_url: must start with http"),
-    ("model-dir", BASE + '[student]\nmodel = "."\n', GOOD_PROMPTS, [], "is a directory"),
-    ("set-no-dot", BASE, GOOD_PROMPTS, ["--set", "k=3"], "expected section.key=value"),
-    ("set-range", BASE, GOOD_PROMPTS, ["--set", "sample.k=0"], "sample.k: 0 is below"),
-    ("json-not-object", BASE, "[1, 2]\n", [], "p.jsonl:1: expected a JSON object"),
-    ("unknown-field", BASE, '{"prompt": "a", "question": "b"}\n', [], "p.jsonl:1: unknown field(s) question"),
-    ("blank-prompt", BASE, '{"prompt": "a"}\n{"prompt": "  "}\n', [], "p.jsonl:2: 'prompt' must be a non-empty"),
-    ("id-not-string", BASE, '{"prompt": "a", "id": 7}\n', [], "p.jsonl:1: 'id' must be a string"),
-    ("duplicate-ids", BASE, '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', [],
-     "p.jsonl:2: duplicate prompt id 'x' (first at line 1)"),
-]
-
-
-@pytest.mark.parametrize("body, prompts, args, needle", [c[1:] for c in BAD_RECIPES], ids=[c[0] for c in BAD_RECIPES])
-def test_bad_recipe_or_prompts_is_one_line_and_exit_2(tmp_path, body, prompts, args, needle):
-    (tmp_path / "p.jsonl").write_text(prompts)
-    (tmp_path / "r.toml").write_text(body)
-    assert_one_line_error(pudl("run", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), *args), needle)
 
 
 def test_recipe_file_missing_or_not_utf8(tmp_path):

@@ -16,21 +16,16 @@ import shutil
 import sqlite3
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pudl.errors import UserError
 from tests import recipe_files
+from tests.conftest import pudl
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROKEN_PNG = "data:image/png;base64,iVBORw0KGgoAAAAN"  # a PNG cut short: the control image that must not load
-
-
-def pudl(*args):
-    return subprocess.run([sys.executable, "-m", "pudl.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=900)
 
 
 def images(page: str) -> list[str]:

@@ -3,8 +3,6 @@
 import json
 import random
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,6 +16,7 @@ from pudl.agreement import average_ranks, order_consistency, roc_auc, spearman
 from pudl.scoring import chrf, judge_scores, score_groups
 from pudl.sequences import pack
 from tests import recipe_files
+from tests.conftest import pudl
 
 
 
@@ -170,10 +169,6 @@ def test_sft_batches_hold_only_anchors():
     assert skipped == 1 and sum(b.n_items for b in batches) == 4  # 2 usable anchors x 2 epochs
     for b in batches:
         assert np.array(b.extras["is_anchor"]).all()
-
-
-def pudl(*args):
-    return subprocess.run([sys.executable, "-m", "pudl.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def tiny_recipe(tmp_path: Path, model: Path, train: str) -> Path:

@@ -2,8 +2,6 @@
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +9,7 @@ import pytest
 from pudl.errors import UserError
 from pudl.study import load_study
 from tests.test_scorers import tiny_recipe
-
-
-def pudl(*args):
-    return subprocess.run([sys.executable, "-m", "pudl.cli", *args], capture_output=True, text=True, timeout=600)
+from tests.conftest import pudl
 
 
 def write_study(tmp_path: Path, arms: str, extra: str = "") -> Path:
