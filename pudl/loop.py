@@ -212,14 +212,15 @@ class Run:
         once, adapter disabled, and cached)."""
         r, t = self.recipe.rank, self.recipe.train
         scores = self.cache.scores(round_, r.scorer)
-        groups = make_groups(prompts, scores, self.cache.anchor_scores(round_, r.scorer), t.include_anchor,
-                             r.anchor, r.min_gap)
+        anchor_scores = self.cache.anchor_scores(round_, r.scorer)
+        groups = make_groups(prompts, scores, anchor_scores, t.include_anchor, r.anchor, r.min_gap)
         if self.stages.begin(round_, "prefs", fp):
             return self.cache.pairs(round_), groups, self.cache.references(round_)
         pairs = []
         for p in prompts:
             if p.id in scores:
-                pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs, r.min_gap)
+                pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs, r.min_gap,
+                                    anchor_scores.get(p.id), r.near_anchor)
         pairs = pair_order(pairs) if t.algo == "dpo" else []
         comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
         keys = needed_references(t.algo, pairs, groups)
@@ -396,7 +397,8 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             fp_score = fingerprint(fp_sample, REFERENCE_TEMPLATE, recipe.rank.min_gap)
             anchor_top = recipe.rank.anchor == "top" and recipe.train.include_anchor and recipe.train.algo in LISTWISE
             fp_prefs = fingerprint(fp_score, recipe.section_dict("rank"), recipe.train.algo, [p.id for p in prompts],
-                                   *(["anchor on top"] if anchor_top else []))
+                                   *(["anchor on top"] if anchor_top else []),
+                                   *([f"near anchor {recipe.rank.near_anchor}"] if recipe.rank.near_anchor else []))
             fp_train = fingerprint(fp_prefs, recipe.section_dict("train", "lora"))
             candidates = state.sample(round_, prompts, adapter, fp_sample)
             state.score(round_, prompts, anchors, candidates, fp_score)

@@ -110,6 +110,10 @@ class RankConfig:
                           choices=SCORERS, allow_empty=True)
     pairs: str = _f("both", "which DPO pairs a ranked group yields", choices=PAIR_MODES)
     min_gap: float = _f(1e-6, "best-vs-worst pairs need at least this score gap (ties are skipped)", min=0.0)
+    # In the prefs fingerprint only when on, so the caches of runs made before the key existed stay valid.
+    near_anchor: float = _f(0.0, "dpo: candidates are unlabeled: one scoring within this of the anchor's own score "
+                            "is near-optimal; only such a candidate may be chosen, and it is never rejected "
+                            "(0: off, every ranked candidate may be chosen or rejected)", min=0.0, fingerprint=False)
     # In the prefs fingerprint only where it matters (a listwise algo with the anchor in its groups, and "top":
     # "scored" was the behaviour before the key existed), so DPO runs' caches stay valid.
     anchor: str = _f("top", "grpo/ldl/listmle: where the anchor (the labelled positive) sits in its group: 'top', "

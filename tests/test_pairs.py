@@ -86,3 +86,24 @@ def test_anchor_on_top_of_its_group():
         assert list(rank(np.array(g_top.scores)))[-1] == 0  # ranked first (rank 0 = best)
     assert anchor_on_top([0.5, 0.5]) == 0.5 + 1e-6
     assert make_groups(prompts, scores, own, include_anchor=False, anchor="top")[0].members == (0, 1, 2)
+
+
+def test_near_anchor_gate_reads_candidates_as_unlabeled():
+    rng = np.random.default_rng()
+    anchor_score = float(rng.normal(-0.5, 0.2))
+    c = cands("Paris.", "The capital is Paris", "Lyon")
+    off = make_pairs("p", "Paris", c, np.array([anchor_score - 0.3, anchor_score - 0.1, anchor_score - 3.0]), "both",
+                     1e-6, anchor_score, near_anchor=0.0)
+    assert {p.kind for p in off} == {"best-vs-worst", "anchor-vs-worst"}  # off: as without the gate
+    # the best is near the anchor: it may be chosen; the worst is far: it may be rejected
+    near = make_pairs("p", "Paris", c, np.array([anchor_score - 0.3, anchor_score - 0.1, anchor_score - 3.0]),
+                      "both", 1e-6, anchor_score, near_anchor=0.5)
+    assert {(p.kind, p.chosen_idx, p.rejected_idx) for p in near} == {("best-vs-worst", 1, 2),
+                                                                      ("anchor-vs-worst", ANCHOR_IDX, 2)}
+    # no candidate is near the anchor: none is chosen, only the anchor is preferred
+    far = make_pairs("p", "Paris", c, np.array([anchor_score - 2.0, anchor_score - 1.0, anchor_score - 3.0]),
+                     "both", 1e-6, anchor_score, near_anchor=0.5)
+    assert [(p.kind, p.rejected_idx) for p in far] == [("anchor-vs-worst", 2)]
+    # even the worst is near the anchor: nothing is known to be worse, so no pair at all
+    assert make_pairs("p", "Paris", c, np.array([anchor_score, anchor_score - 0.1, anchor_score - 0.4]), "both",
+                      1e-6, anchor_score, near_anchor=0.5) == []
