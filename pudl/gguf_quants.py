@@ -146,14 +146,8 @@ def dequantize(data: np.ndarray, info: TensorInfo) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    qtype = GGMLQuantizationType(info.qtype)
-    rows = data.reshape(-1, data.size // max(1, int(np.prod(info.shape[:-1]))))
-    try:
-        values = gguf_dequantize(rows, qtype)
-    except NotImplementedError:
-        raise UserError(f"student.model: tensor {info.name} has type {qtype.name}, which gguf-py (the `gguf` "
-                        "package) cannot dequantize; requantize the model with llama-quantize (e.g. Q4_K_M)") from None
-    return values.reshape(info.shape)
+    rows = np.asarray(data).reshape(-1, data.size // max(1, int(np.prod(info.shape[:-1]))))
+    return gguf_dequantize(rows, GGMLQuantizationType(info.qtype)).reshape(info.shape)
 
 
 def mlx_packed(data: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,22 +196,29 @@ def read_tensors(path: Path, tensors: list[TensorInfo], keep_packed: bool, dtype
     as name.weight / name.scales / name.biases (MLX quantized layout)."""
     import mlx.core as mx
 
+    from gguf.quants import _type_traits
+
+    decodable = {F32, F16} | {int(t) for t in _type_traits}
+    for info in tensors:  # before any work: one line naming the first tensor of a type gguf-py cannot decode
+        if info.qtype not in decodable:
+            raise UserError(f"student.model: tensor {info.name} of {path} has type {info.type_name}, which gguf-py "
+                            "(the `gguf` package) cannot dequantize; requantize the model with llama-quantize "
+                            "(e.g. Q4_K_M)")
     out = {}
     progress = _Progress(path, sum(t.nbytes for t in tensors))
     done = 0
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        for info in tensors:
-            data = np.frombuffer(buf, np.uint8, info.nbytes, info.offset)
-            if keep_packed and info.qtype in MX_PACKED and info.name.endswith(".weight"):
-                stem = info.name[: -len(".weight")]
-                weight, scales, biases = mlx_packed(data, info)
-                out[info.name] = mx.array(weight)
-                out[stem + ".scales"], out[stem + ".biases"] = mx.array(scales), mx.array(biases)
-            else:
-                out[info.name] = mx.array(dequantize(data, info)).astype(dtype)
-            mx.eval(out[info.name])  # the numpy copy is freed before the next tensor
-            del data
-            done += info.nbytes
-            progress.update(done)
+    buf = np.memmap(path, np.uint8, mode="r")
+    for info in tensors:
+        data = buf[info.offset: info.offset + info.nbytes]
+        if keep_packed and info.qtype in MX_PACKED and info.name.endswith(".weight"):
+            stem = info.name[: -len(".weight")]
+            weight, scales, biases = mlx_packed(data, info)
+            out[info.name] = mx.array(weight)
+            out[stem + ".scales"], out[stem + ".biases"] = mx.array(scales), mx.array(biases)
+        else:
+            out[info.name] = mx.array(dequantize(data, info)).astype(dtype)
+        mx.eval(out)  # each tensor's float32 numpy copy is freed before the next one is decoded
+        done += info.nbytes
+        progress.update(done)
     progress.close()
     return out

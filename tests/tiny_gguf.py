@@ -100,7 +100,8 @@ def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False, embeddi
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if ftype == "F32" else f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize, params.pure, params.nthread = True, pure, 2
-    params.token_embedding_type = embedding_type
+    if embedding_type >= 0:  # the default (GGML_TYPE_COUNT) means llama.cpp's choice
+        params.token_embedding_type = embedding_type
     keep = []  # the imatrix rows must outlive the call
     if ftype.startswith(("IQ1", "IQ2", "IQ3_XXS", "IQ3_XS", "Q2_K_S")):
         _, tensors = read_header(src)
