@@ -169,3 +169,18 @@ def test_trained_lora_on_q4_k_m_changes_llama_cpp_like_mlx(q4_k_m, tokens, tmp_p
     moved, apart = np.abs(after - before).mean(), np.abs((after - before) - (trained - base)).mean()
     print(f"LoRA moved llama.cpp's log-probs by {moved:.3f} mean; its effect differs from MLX's by {apart:.3f}")
     assert moved > 0.05 and apart < 0.25 * moved
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_archs_on_a_k_quant_mix(family, tmp_path):
+    # the decoding is the same for every arch; what differs is the layout the student puts it in (qwen2's
+    # biases and NEOX rope on unpermuted rows, qwen3's q/k norms), checked here on llama.cpp's Q4_K_M mix
+    from pudl.convert import hf_to_gguf
+    from tests.hf_tiny import write_tiny_hf
+
+    src = write_tiny_hf(tmp_path / family, family, seed=5, hidden=256, layers=2, heads=4, kv_heads=2, ffn=512)
+    f32 = hf_to_gguf(src, "f32", tmp_path / "cache")
+    path = llama_quantize(f32, tmp_path / f"{family}-Q4_K_M.gguf", "Q4_K_M")
+    tok = Tokenizer(path)
+    tokens = tok.chat_tokens(chat_messages(Prompt("x", "Name three colours."))) + tok.answer_tokens("Red")
+    check_against_llama_cpp(path, tokens, {"Q4_K"})
