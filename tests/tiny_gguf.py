@@ -119,3 +119,61 @@ def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False, embeddi
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
     return dst
+
+
+def write_tiny_gemma3_gguf(path: Path, seed: int = 0, hidden: int = 256, layers: int = 6, heads: int = 4,
+                           kv_heads: int = 1, head_dim: int = 64, ffn: int = 512, window: int = 8) -> Path:
+    """A tiny random Gemma 3 (text) GGUF at F32, laid out as llama.cpp's converter writes one: norm weights stored
+    as 1 + w, q/k rows unpermuted, tied head. SmolLM2's tokenizer (llama.cpp does not tie tokenizers to archs).
+    With 6 layers the last one attends globally and the others in a `window`-token sliding window."""
+    import gguf
+
+    source = gguf.GGUFReader(str(resolve_model_path("smollm2-135m")))
+    rng = np.random.default_rng(seed)
+    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+    w = gguf.GGUFWriter(str(path), arch="gemma3")
+    w.add_context_length(1024)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1e6)
+    w.add_sliding_window(window)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for field in source.fields.values():
+        if field.name.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+    def mat(name, shape, scale):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def norm(name, n):  # Gemma's (1 + w) scale, stored with the 1 added as llama.cpp's converter does
+        w.add_tensor(name, (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32))
+
+    mat("token_embd.weight", (vocab, hidden), 0.05)
+    for i in range(layers):
+        norm(f"blk.{i}.attn_norm.weight", hidden)
+        mat(f"blk.{i}.attn_q.weight", (heads * head_dim, hidden), 0.1)
+        mat(f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden), 0.1)
+        mat(f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden), 0.1)
+        norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+        norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+        mat(f"blk.{i}.attn_output.weight", (hidden, heads * head_dim), 0.1)
+        norm(f"blk.{i}.post_attention_norm.weight", hidden)
+        norm(f"blk.{i}.ffn_norm.weight", hidden)
+        mat(f"blk.{i}.ffn_gate.weight", (ffn, hidden), 0.1)
+        mat(f"blk.{i}.ffn_up.weight", (ffn, hidden), 0.1)
+        mat(f"blk.{i}.ffn_down.weight", (hidden, ffn), 0.1)
+        norm(f"blk.{i}.post_ffw_norm.weight", hidden)
+    norm("output_norm.weight", hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
