@@ -164,7 +164,7 @@ def plot_training(steps: list[dict]) -> bytes | None:
     boundaries = [i + 0.5 for i in range(1, len(steps)) if steps[i].get("round") != steps[i - 1].get("round")]
     for ax, (title, keys) in zip(axes, panels):
         for i, k in enumerate(keys):
-            ys = [float(r.get(k, math.nan)) for r in steps]
+            ys = [_float(r.get(k)) for r in steps]
             color = f"C{i}"
             if len(ys) > 20:
                 ax.plot(x, ys, color=color, alpha=0.25, linewidth=0.8)
@@ -178,11 +178,11 @@ def plot_training(steps: list[dict]) -> bytes | None:
     if system:
         ax = axes[-1]
         if "tokens_per_s" in system:
-            ax.plot(x, [float(r.get("tokens_per_s", math.nan)) for r in steps], color="C0", label="tokens/s")
+            ax.plot(x, [_float(r.get("tokens_per_s")) for r in steps], color="C0", label="tokens/s")
             ax.set_ylabel("tokens / s")
         if "peak_memory_bytes" in system:
             twin = ax.twinx()
-            twin.plot(x, [float(r.get("peak_memory_bytes", math.nan)) / 2**30 for r in steps], color="C3",
+            twin.plot(x, [_float(r.get("peak_memory_bytes")) / 2**30 for r in steps], color="C3",
                       label="peak memory (GiB)")
             twin.set_ylabel("peak memory (GiB)")
             twin.legend(fontsize=8, loc="lower right")
@@ -213,8 +213,8 @@ def plot_accuracy(evals: dict[str, dict]) -> bytes | None:
     fig.set_size_inches(max(6.0, 1.0 * len(labels) + 2), 3.4)
     width = 0.8 / len(runs)
     for i, (name, e) in enumerate(runs):
-        values = [e.get("strict_accuracy", math.nan), e.get("lenient_accuracy", math.nan)]
-        values += [(e.get("strict_by_family") or {}).get(f, math.nan) for f in families]
+        values = [_float(e.get("strict_accuracy")), _float(e.get("lenient_accuracy"))]
+        values += [_float((e.get("strict_by_family") or {}).get(f)) for f in families]
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(labels))]
         bars = ax.bar(xs, values, width, label=f"{name} (n={e.get('n', '?')})", color=f"C{i}")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
@@ -363,7 +363,7 @@ def _round_rows(per_round: list[dict]) -> tuple[list[str], list[list]]:
     for r in per_round:
         status = ", ".join(f"{k} {v}" for k, v in sorted((r.get("group_status") or {}).items()))
         rows.append([r.get("round"), r.get("candidates"), r.get("pairs"), r.get("groups"), status]
-                    + [float((r.get("ranker") or {}).get(s, {}).get("auc", math.nan)) for s in scorers])
+                    + [_float((r.get("ranker") or {}).get(s, {}).get("auc")) for s in scorers])
     return header, rows
 
 
