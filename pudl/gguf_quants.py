@@ -10,7 +10,8 @@ in those decoders (a float16 scale times small integers) is exact in float32, so
 cannot change a bit; tests/test_quant_types.py checks bit equality against llama.cpp's own decoding.
 
 Q4_0 / Q4_1 / Q8_0 tensors of such a file are repacked into MLX's quantized layout, as mx.load would give
-them, so `student.weights = "quantized"` keeps them quantized.
+them, and Q4_K tensors into MLX 4-bit groups of 32 with float32 scales, so `student.weights = "quantized"`
+keeps them quantized.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import numpy as np
 
 from pudl.errors import UserError
 
-F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8  # ggml type ids (ggml.h)
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K = 0, 1, 2, 3, 8, 12  # ggml type ids (ggml.h)
 MX_EXACT = frozenset({F32, F16, Q4_0, Q4_1, Q8_0})  # what mx.load reads without rounding
-MX_PACKED = frozenset({Q4_0, Q4_1, Q8_0})  # repacked into MLX's quantized layout (group 32)
+MX_PACKED = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})  # repacked into MLX's quantized layout (group 32)
 SMALL_ARRAY = 64  # metadata arrays longer than this (tokenizer tables) are skipped, not decoded
 PROGRESS_AFTER_S = 2.0  # a load that takes longer shows which tensor it is at
 
@@ -151,11 +152,13 @@ def dequantize(data: np.ndarray, info: TensorInfo) -> np.ndarray:
 
 
 def mlx_packed(data: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_0 / Q4_1 / Q8_0 blocks as MLX's (weight uint32, scales, biases) at group size 32, as mx.load reads them.
+    """Q4_0 / Q4_1 / Q8_0 (and Q4_K, see _q4_k_packed) blocks as MLX's (weight uint32, scales, biases) at group size 32, as mx.load reads them.
 
     MLX computes scale * code + bias per group of 32: Q4_0 is d * (code - 8) (bias -8d), Q4_1 d * code + m,
     Q8_0 d * q with q = code - 128. The float16 scale times a small integer is exact, so are the biases."""
     rows = int(np.prod(info.shape[:-1]))
+    if info.qtype == Q4_K:
+        return _q4_k_packed(data, rows)
     per_row = info.shape[-1] // 32
     blocks = data.reshape(rows, per_row, -1)
     d = blocks[..., :2].copy().view(np.float16)[..., 0]
@@ -169,8 +172,32 @@ def mlx_packed(data: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarr
     # a block's 16 bytes hold element i in the low nibble and element i + 16 in the high one; MLX packs
     # element k of each 8 into bits 4k of a uint32 (two elements per byte, low nibble first)
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return _pack_nibbles(codes, rows), d, bias
+
+
+def _pack_nibbles(codes: np.ndarray, rows: int) -> np.ndarray:
+    """4-bit codes (..., 32 per group) packed as MLX does: element k of each 8 at bits 4k of a uint32."""
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    return packed.reshape(rows, -1).view(np.uint32), d, bias
+    return packed.reshape(rows, -1).view(np.uint32)
+
+
+def _q4_k_packed(data: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks (256 values: 8 groups of 32 with 6-bit scales and mins) as MLX 4-bit groups of 32 with
+    float32 scale d*sc and bias -dmin*m: ggml computes d*sc*q - dmin*m, and both products are exact in float32,
+    so MLX's scale*q + bias gives the same bits (float16 scales could not hold d*sc)."""
+    from gguf.quants import Q4_K as GgufQ4K
+
+    blocks = data.reshape(-1, 144)
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = GgufQ4K.get_scale_min(blocks[:, 4:16])
+    scales = (d * sc.astype(np.float32)).reshape(rows, -1)
+    biases = -(dmin * m.astype(np.float32)).reshape(rows, -1)
+    # each 32 bytes hold 64 values: group 2j in the low nibbles, group 2j + 1 in the high ones
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(n, 8, 32)
+    return _pack_nibbles(codes, rows), scales, biases
 
 
 class _Progress:
@@ -192,8 +219,8 @@ class _Progress:
 
 
 def read_tensors(path: Path, tensors: list[TensorInfo], keep_packed: bool, dtype) -> dict:
-    """The tensors as mx.load names them: floats cast to `dtype`, or, when `keep_packed`, Q4_0 / Q4_1 / Q8_0
-    as name.weight / name.scales / name.biases (MLX quantized layout)."""
+    """The tensors as mx.load names them: floats cast to `dtype`, or, when `keep_packed`, Q4_0 / Q4_1 / Q8_0 /
+    Q4_K as name.weight / name.scales / name.biases (MLX quantized layout)."""
     import mlx.core as mx
 
     from gguf.quants import _type_traits

@@ -5,7 +5,8 @@ ffn 8960, 12 heads, 2 kv heads, vocab 151936, tied head) with each number of lay
 llama.cpp quantize it to each type, and loads each file with `load_student` in a fresh process (float32
 weights, as on a CPU), printing one JSON line per file: load seconds and peak RSS. Two depths give the cost per
 layer, from which the 28-layer model is extrapolated (building and quantizing the full 1.5B model would take
-longer than the measurement is worth on a small machine).
+longer than the measurement is worth on a small machine). `... -m tests.quant_bench rates` times the decoding
+of one block's tensors per type in-process (less noisy on a shared machine than whole-process loads).
 """
 
 from __future__ import annotations
@@ -98,5 +99,35 @@ def main(depths: list[int], workdir: Path = Path("/tmp/pudl-quant-bench")):
         f16.unlink()
 
 
+def rates(workdir: Path = Path("/tmp/pudl-quant-bench")):
+    """Decode speed per type (million weights per second, best of 3) of one block's tensors at these widths,
+    in this process: the cost that scales with the number of layers."""
+    import mlx.core as mx
+
+    from pudl.gguf_quants import read_header, read_tensors
+    from tests.tiny_gguf import llama_quantize
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    f16 = write_random_f16(workdir / "r-F16.gguf", 1)
+    for ftype in TYPES[1:]:
+        path = llama_quantize(f16, workdir / f"r-{ftype}.gguf", ftype, pure=True, embedding_type=1)
+        layer = [t for t in read_header(path)[1] if t.name.startswith("blk.") and len(t.shape) == 2]
+        best = min(_timed(lambda: read_tensors(path, layer, False, mx.float32)) for _ in range(3))
+        n = sum(int(np.prod(t.shape)) for t in layer)
+        print(json.dumps({"ftype": ftype, "types": sorted({t.type_name for t in layer}), "weights_m": round(n / 1e6, 1),
+                          "seconds": round(best, 2), "mweights_per_s": round(n / 1e6 / best, 1)}), flush=True)
+        path.unlink()
+    f16.unlink()
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [2, 4])
+    if sys.argv[1:] == ["rates"]:
+        rates()
+    else:
+        main([int(a) for a in sys.argv[1:]] or [2, 4])

@@ -129,6 +129,22 @@ def test_mixed_file_keeps_q4_0_quantized(f16, tokens):
     assert np.abs(mlx_logprobs(quantized, tokens) - mlx_logprobs(dense, tokens)).max() < 1e-4
 
 
+def test_q4_k_stays_quantized_with_llama_cpps_values(f16, tokens):
+    # Q4_K's groups of 32 are affine (d*sc*q - dmin*m): kept as MLX 4-bit groups, they dequantize to the bits
+    # gguf-py's decoder gives, and the student in "quantized" mode computes what the float32 one does
+    path = llama_quantize(f16, f16.with_name("pure-Q4_K-packed.gguf"), "Q4_K_M", pure=True, embedding_type=F16)
+    packed, _, quant_bits = load_gguf_weights(path, dequantize=False)
+    dense = load_gguf_weights(path, dequantize=True)[0]
+    assert len(quant_bits) == 14 and set(quant_bits.values()) == {4}
+    for module in quant_bits:
+        w = mx.dequantize(packed[module + ".weight"], packed[module + ".scales"], packed[module + ".biases"],
+                          group_size=32, bits=4)
+        np.testing.assert_array_equal(np.array(w), np.array(dense[module + ".weight"]), err_msg=module)
+    quantized = load_student(path, 4, 8.0, TARGETS, weights="quantized")
+    floats = load_student(path, 4, 8.0, TARGETS, weights="float32")
+    assert np.abs(mlx_logprobs(quantized, tokens) - mlx_logprobs(floats, tokens)).max() < 1e-4
+
+
 def test_a_type_gguf_py_cannot_decode_is_one_line_naming_it(f16):
     path = llama_quantize(f16, f16.with_name("Q1_0.gguf"), "Q1_0", pure=True, embedding_type=F16)
     with pytest.raises(UserError, match=r"tensor blk\.0\.\w+\.weight of .* has type Q1_0, which gguf-py") as e:
