@@ -50,10 +50,11 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from pudl.errors import UserError
 from pudl.prompts import Prompt

@@ -14,9 +14,25 @@ import pytest
 
 from pudl.errors import UserError
 from pudl.prompts import Prompt, load_prompts
-from pudl.tasks import (FAMILIES, NEW_TASK_FAMILIES, SHIPPED, SPLITS, SPLITS_FILE, family_of, heldout_split,
-                        heldout_suite, lenient_match, main, normalize_reply, questions, split_of, strict_match,
-                        task_suite, wordings, write_jsonl)
+from pudl.tasks import (
+    FAMILIES,
+    NEW_TASK_FAMILIES,
+    SHIPPED,
+    SPLITS,
+    SPLITS_FILE,
+    family_of,
+    heldout_split,
+    heldout_suite,
+    lenient_match,
+    main,
+    normalize_reply,
+    questions,
+    split_of,
+    strict_match,
+    task_suite,
+    wordings,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data"
@@ -272,8 +288,9 @@ def test_evaluation_only_wordings_name_the_kind_of_answer():
 
 PLURALS = {"mouse": "mice", "child": "children", "foot": "feet", "tooth": "teeth", "goose": "geese",
            "leaf": "leaves", "knife": "knives", "city": "cities", "box": "boxes", "baby": "babies"}
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-MONTHS = ("January February March April May June July August September October November December").split()
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
 
 
 def test_new_task_answers_and_training_instructions():
