@@ -6,6 +6,7 @@ get the fast BLAS without doing anything (the process re-executes itself with Op
 
 from __future__ import annotations
 
+import json
 import signal
 
 import click
@@ -102,16 +103,22 @@ def study(study_file, arms, quiet):
 @click.option("--adapter", type=click.Path(dir_okay=False), help="GGUF LoRA to evaluate (e.g. RUN/adapter.gguf).")
 @click.option("--prompts", type=click.Path(dir_okay=False), help="Prompts JSONL (default: the recipe's data.eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the whole result, replies included, here.")
+@click.option("--before", type=click.Path(dir_okay=False),
+              help="A result written by `pudl eval --out` for the base student on the same prompts: adds "
+                   "retention (of what it answered right, the share this student still answers right).")
 @user_errors
-def eval_(recipe, adapter, prompts, as_json):
+def eval_(recipe, adapter, prompts, as_json, out, before):
     """Evaluate the student of RECIPE (optionally with an adapter) on held-out prompts.
 
-    Reports strict and lenient accuracy (prompts with an `answer`) and the anchor score (mean token
-    log-prob of the reference answer under the student).
+    Reports strict and lenient accuracy (prompts with an `answer`), per held-out split when the prompt ids
+    name one (e.g. recipes/data/tasks-eval-splits.jsonl: in-distribution, new-wording, new-task), and the
+    anchor score (mean token log-prob of the reference answer under the student).
     """
     from pathlib import Path
 
-    from pudl.evaluate import evaluate
+    from pudl.atomic_files import write_json
+    from pudl.evaluate import evaluate, retention
     from pudl.prompts import load_prompts
     from pudl.recipe import load_recipe
     from pudl.report import Reporter
@@ -131,6 +138,10 @@ def eval_(recipe, adapter, prompts, as_json):
                           on_prompt=lambda p: advance())
     result["prompts"] = str(path)
     result["adapter"] = str(adapter_path) if adapter_path else None
+    if before:
+        result["retention"] = retention(_read_result(before), result)
+    if out:
+        write_json(Path(out), result)
     if as_json:
         click.echo(dumps({k: v for k, v in result.items() if k != "replies"}))
         return
@@ -138,6 +149,24 @@ def eval_(recipe, adapter, prompts, as_json):
     for key in ("n", "strict_accuracy", "lenient_accuracy", "anchor_score"):
         if key in result:
             console.print(f"{key:<17} {result[key]}")
+    kept = result.get("retention") or {}
+    for split, f in (result.get("splits") or {}).items():
+        extra = f"  retention {kept[split]['retention']}" if split in kept else ""
+        console.print(f"{split:<17} n {f['n']}  strict {f.get('strict_accuracy')}  "
+                      f"lenient {f.get('lenient_accuracy')}{extra}", highlight=False)
+
+
+def _read_result(path: str) -> dict:
+    """A result `pudl eval --out` wrote (one line naming the file when it is not one)."""
+    from pathlib import Path
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--before: cannot read {path} ({e})") from None
+    if not isinstance(result, dict) or "replies" not in result:
+        raise UserError(f"--before: {path} is not a result written by `pudl eval --out`")
+    return result
 
 
 @main.command()

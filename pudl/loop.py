@@ -29,7 +29,7 @@ from pudl.cache import Cache, fingerprint, pair_order
 from pudl.distributed import SINGLE, World, init_world
 from pudl.domain import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Candidate, Group, Pair, SamplingParams, TrainJob
 from pudl.errors import TeacherError, UserError
-from pudl.evaluate import evaluate
+from pudl.evaluate import evaluate, retention
 from pudl.losses import LOSSES
 from pudl.pairs import group_status, make_pairs, rank
 from pudl.prefs import Completions, make_groups, needed_references, training_batches
@@ -430,6 +430,8 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             "cache": state.cache.counts(),
             "before": _brief(before),
             "after": _brief(after),
+            # of the held-out prompts the base student answered right, the share the trained one still does
+            "retention": retention(before, after) if before and after else None,
             "per_round": rounds,
             "phase_seconds": {k: round(v, 2) for k, v in rep.phase_seconds.items()},
             "wall_seconds": round(time.perf_counter() - t0, 2),

@@ -28,6 +28,7 @@ from pudl.errors import UserError
 from pudl.recipe import Recipe, load_recipe
 
 METRICS = ("strict_accuracy", "lenient_accuracy", "teacher_calls", "tokens_sampled", "wall_seconds")
+SPLIT_METRICS = ("strict_accuracy", "lenient_accuracy", "retention")
 STUDY_KEYS = {"out", "recipe", "seeds", "set", "seed_cache", "title"}
 ARM_KEYS = {"name", "recipe", "set", "base", "label", "cache_from"}
 
@@ -176,7 +177,8 @@ def run_arm(study: Study, arm: Arm, seed: int, reporter_factory, say, execute: b
            "teacher_calls": summary.get("anchors_used"), "tokens_sampled": summary.get("tokens_sampled"),
            "wall_seconds": round(wall, 1), "phase_seconds": summary.get("phase_seconds"),
            "reused_stages": summary.get("stages"),
-           "ranker": (summary.get("per_round") or [{}])[-1].get("ranker"), "before": before}
+           "ranker": (summary.get("per_round") or [{}])[-1].get("ranker"), "before": before,
+           **split_fields(after, summary.get("retention"))}
     stages = [status for by_stage in (summary.get("stages") or {}).values() for status in by_stage.values()]
     if kept.get("row") and stages and all(status == "reused" for status in stages):
         # Nothing was computed (e.g. a recipe key that does not touch any stage): the arm's cost is still the
@@ -195,7 +197,19 @@ def base_row(rows: list[dict], seed: int) -> dict:
     return {"arm": "base", "seed": seed, "run_dir": source["run_dir"], "strict_accuracy": b.get("strict_accuracy"),
             "lenient_accuracy": b.get("lenient_accuracy"), "strict_by_family": b.get("strict_by_family"),
             "teacher_calls": 0, "tokens_sampled": 0,
-            "wall_seconds": round((source.get("phase_seconds") or {}).get("eval before", 0.0), 1)}
+            "wall_seconds": round((source.get("phase_seconds") or {}).get("eval before", 0.0), 1),
+            **split_fields(b, None)}
+
+
+def split_fields(result: dict, retention: dict | None) -> dict:
+    """A run's figures per held-out split (pudl.tasks.SPLITS: in-distribution, new-wording, new-task) as flat
+    row fields "<split>/strict_accuracy", "/lenient_accuracy", "/retention" (None for the base student)."""
+    out = {}
+    for split, figures in (result.get("splits") or {}).items():
+        out[f"{split}/strict_accuracy"] = figures.get("strict_accuracy")
+        out[f"{split}/lenient_accuracy"] = figures.get("lenient_accuracy")
+        out[f"{split}/retention"] = ((retention or {}).get(split) or {}).get("retention")
+    return out
 
 
 def _mean_std(values: list) -> tuple[float, float]:
@@ -210,9 +224,17 @@ def aggregate(study: Study, rows: list[dict]) -> dict:
     arms = []
     for arm in study.arms:
         mine = [r for r in rows if r["arm"] == arm.name]
-        stats = {m: dict(zip(("mean", "std"), _mean_std([r.get(m) for r in mine]))) for m in METRICS}
+        stats = {m: dict(zip(("mean", "std"), _mean_std([r.get(m) for r in mine]))) for m in _metrics(rows)}
         arms.append({"arm": arm.name, "label": arm.label or arm.name, "seeds": [r["seed"] for r in mine], **stats})
     return {"title": study.title, "study": study.path, "seeds": list(study.seeds), "arms": arms, "runs": rows}
+
+
+def _metrics(rows: list[dict]) -> tuple[str, ...]:
+    """METRICS, then the per-split fields any row has, in SPLITS order."""
+    from pudl.tasks import SPLITS
+
+    present = {k for r in rows for k in r}
+    return METRICS + tuple(f"{s}/{m}" for s in SPLITS for m in SPLIT_METRICS if f"{s}/{m}" in present)
 
 
 def _fmt(stat: dict, digits: int) -> str:
@@ -233,6 +255,15 @@ def markdown(result: dict) -> str:
     for a in result["arms"]:
         lines.append(f"| {a['label']} | {_fmt(a['strict_accuracy'], 3)} | {_fmt(a['lenient_accuracy'], 3)} | "
                      f"{_fmt(a['teacher_calls'], 0)} | {_fmt(a['tokens_sampled'], 0)} | {_fmt(a['wall_seconds'], 0)} |")
+    splits = list(dict.fromkeys(k.split("/")[0] for a in result["arms"] for k in a if "/" in k))
+    if splits:
+        lines += ["", "Per held-out split: strict / lenient / retention (of the prompts the base student answered "
+                  "leniently right, the share still answered right; the base student itself: —).", "",
+                  "| arm | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
+        for a in result["arms"]:
+            cells = [" / ".join(_fmt(a.get(f"{s}/{m}", {"mean": float("nan"), "std": 0.0}), 2) for m in SPLIT_METRICS)
+                     for s in splits]
+            lines.append(f"| {a['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ def test_run_end_to_end_then_rerun_uses_the_cache(tmp_path):
     assert summary["teacher_calls"] == 2
     for name in ("before", "after"):
         assert {"strict_accuracy", "lenient_accuracy", "anchor_score"} <= set(summary[name])
+    assert set(summary["retention"]["overall"]) == {"right_before", "kept", "retention"}
     db = run / "cache.sqlite"
     assert rows(db, "anchors") == 2 and rows(db, "candidates") == 2 * 2 * 2  # 2 rounds x 2 prompts x K=2
     # rank.scorer + rank.also_score's default (anchor-gain, chrf): K candidates + the anchor each
@@ -68,3 +69,14 @@ def test_eval_json_reports_accuracy_and_anchor_score(tmp_path):
     assert result["n"] == 2
     assert 0.0 <= result["strict_accuracy"] <= result["lenient_accuracy"] <= 1.0
     assert result["anchor_score"] < 0.0
+
+    base = tmp_path / "base.json"
+    again = pudl("eval", str(recipe), "--json", "--out", base)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(json.loads(base.read_text())["replies"]) == 2  # --out keeps the replies --json leaves out
+    same = pudl("eval", str(recipe), "--json", "--before", base)
+    kept = json.loads(same.stdout.strip().splitlines()[-1])["retention"]["overall"]
+    assert kept["kept"] == kept["right_before"]  # the same student keeps everything it answered right
+    assert kept["retention"] == (1.0 if kept["right_before"] else None)
+    bad = pudl("eval", str(recipe), "--before", recipe)
+    assert bad.returncode == 2 and "--before" in bad.stderr and "Traceback" not in bad.stderr

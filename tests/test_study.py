@@ -4,6 +4,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pudl.errors import UserError
@@ -105,3 +106,29 @@ def test_study_mistakes_are_one_line(tmp_path, tiny_gguf):
     out = pudl("study", str(study))
     assert out.returncode == 2 and "arm b does not use the same training prompts" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_table_reports_every_held_out_split_with_retention():
+    from pudl.study import Arm, Study, aggregate, base_row, markdown, split_fields
+
+    rng = np.random.default_rng()
+    rows = []
+    for seed in (0, 1):
+        figures = {s: {"n": 40, "strict_accuracy": float(rng.random()), "lenient_accuracy": float(rng.random())}
+                   for s in ("in-distribution", "new-wording", "new-task")}
+        kept = {s: {"right_before": 10, "kept": 9, "retention": 0.9} for s in figures}
+        before = {"strict_accuracy": 0.0, "lenient_accuracy": 0.4, "splits": figures}
+        rows.append({"arm": "pu", "seed": seed, "run_dir": "r", "strict_accuracy": 0.5, "lenient_accuracy": 0.5,
+                     "teacher_calls": 48, "tokens_sampled": 100, "wall_seconds": 1.0, "before": before,
+                     **split_fields({"splits": figures}, kept)})
+    rows += [{**base_row(rows, seed), "arm": "base"} for seed in (0, 1)]
+    study = Study(path="s.toml", out="o", recipe="r.toml", seeds=(0, 1), overrides=(), title="t",
+                  arms=(Arm("base", base=True), Arm("pu")))
+    result = aggregate(study, rows)
+    pu = next(a for a in result["arms"] if a["arm"] == "pu")
+    new_wording = [r["new-wording/lenient_accuracy"] for r in rows if r["arm"] == "pu"]
+    assert pu["new-wording/lenient_accuracy"]["mean"] == pytest.approx(np.mean(new_wording))
+    assert pu["new-task/retention"]["mean"] == pytest.approx(0.9)
+    table = markdown(result)
+    assert "| arm | in-distribution | new-wording | new-task |" in table
+    assert table.splitlines()[-2].startswith("| base |") and table.splitlines()[-2].endswith("/ — |")
