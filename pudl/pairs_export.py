@@ -9,12 +9,12 @@ candidate, its score and rank (rank 0 = best) and the anchor (the teacher's answ
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
+from pudl.atomic_files import dumps
 from pudl.cli_errors import user_errors
 from pudl.errors import UserError
 
@@ -100,7 +100,7 @@ def export_pairs(run_dir: str | Path, out: str | Path, round_: int | None = None
         n = 0
         with open(tmp, "w", encoding="utf-8") as f:
             for row in preference_rows(cache, round_, style, listwise, scorer):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(dumps(row, ensure_ascii=False) + "\n")
                 n += 1
         os.replace(tmp, out)
     finally:
