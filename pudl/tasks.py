@@ -65,6 +65,8 @@ SPLITS: tuple[str, ...] = ("in-distribution", "new-wording", "new-task")
 SHIPPED: dict[str, int] = {"train": 48, "eval": 40}  # first N of each split, see docstring
 SPLITS_FILE = "tasks-eval-splits.jsonl"
 NEW_TASK_ITEMS = 10  # per new-task family
+VARIED: dict[str, str] = {"train-varied": "tasks-train-varied.jsonl", "valid": "tasks-valid.jsonl"}
+VALID_ITEMS = 40  # the validation slice: 8 per family
 
 _WORD = ("Reply with one word.", "Answer with one word only.", "Respond with a single word.",
          "Reply with just one word, nothing else.")
@@ -237,16 +239,25 @@ def _in_words(n: int) -> str:
 
 
 class _Item(NamedTuple):
-    """A suite item: its training-worded prompt, its answer, and its n-th evaluation-only phrasing."""
+    """A suite item: its training-worded prompt, its answer, its n-th evaluation-only phrasing, and a phrasing
+    drawn from the whole training pool by a key."""
 
     prompt: str
     answer: str
     reword: Callable[[int], str]
+    vary: Callable[[str], str]
 
 
 def _item(prompt: str, answer: str, task: str, kind: str, *args, **kwargs) -> _Item:
     """An item asked by `task`'s questions with `kind` instructions (args fill the question)."""
-    return _Item(prompt, answer, partial(_reworded, task, kind, args, kwargs))
+    return _Item(prompt, answer, partial(_reworded, task, kind, args, kwargs), partial(_varied, task, kind, args, kwargs))
+
+
+def _varied(task: str, kind: str, args: tuple, kwargs: dict, key: str) -> str:
+    """A training-pool phrasing picked by hash of `key`: any training question with any training instruction
+    (the evaluation-only ones are never drawn)."""
+    question = _pick(_QUESTIONS[task][0], f"q:{key}").format(*args, **kwargs)
+    return f"{question} {_pick(_INSTRUCTIONS[kind][0], f'i:{key}')}"
 
 
 def _reworded(task: str, kind: str, args: tuple, kwargs: dict, n: int) -> str:
@@ -315,21 +326,23 @@ def _format() -> tuple[list, list]:
 
 
 @cache
-def _built() -> tuple[dict[str, tuple[Prompt, ...]], dict[str, Callable[[int], str]]]:
-    """Both splits, families round-robin, and each item's evaluation-only phrasings by id."""
+def _built() -> tuple[dict[str, tuple[Prompt, ...]], dict[str, Callable[[int], str]], dict[str, Callable[[str], str]]]:
+    """Both splits, families round-robin, each item's evaluation-only phrasings and training-pool phrasings by id."""
     builders = {"capitals": _capitals, "arithmetic": _arithmetic, "units": _units,
                 "antonyms": _antonyms, "format": _format}
     per_split: dict[str, list[list[Prompt]]] = {"train": [], "eval": []}
     rewords: dict[str, Callable[[int], str]] = {}
+    varies: dict[str, Callable[[str], str]] = {}
     for family in FAMILIES:
         train, eval_ = (sorted(items, key=lambda x: _h(x.prompt)) for items in builders[family]())
         for split, items, start in (("train", train, 0), ("eval", eval_, len(train))):
             prompts = [Prompt(id=f"{family}-{start + i:03d}", prompt=x.prompt, answer=x.answer)
                        for i, x in enumerate(items)]
             rewords.update((p.id, x.reword) for p, x in zip(prompts, items))
+            varies.update((p.id, x.vary) for p, x in zip(prompts, items))
             per_split[split].append(prompts)
     suite = {split: tuple(p for rnd in _round_robin(fams) for p in rnd) for split, fams in per_split.items()}
-    return suite, rewords
+    return suite, rewords, varies
 
 
 def _suite() -> dict[str, tuple[Prompt, ...]]:
@@ -401,6 +414,31 @@ def task_suite(split: str) -> list[Prompt]:
     return list(_suite()[split])
 
 
+def varied_split(name: str) -> list[Prompt]:
+    """Training-distribution prompts in varied training wordings (never an evaluation-only one):
+    "train-varied" - the shipped 48 training items (same ids, facts and answers), each asked with a question
+                     and an instruction drawn by hash from its family's whole training pool;
+    "valid"        - a validation slice for choosing recipe values: the 40 training-split items after the
+                     shipped 48, 8 per family, drawn the same way, ids `valid/<family>-<n>`. Its facts are in
+                     no shipped training or held-out file, and its wordings are training wordings, so choosing
+                     on it never looks at the held-out splits."""
+    if name not in VARIED:
+        raise UserError(f"unknown varied split {name!r} (expected one of {', '.join(VARIED)})")
+    train, varies = task_suite("train"), _built()[2]
+    n = SHIPPED["train"]
+    if name == "train-varied":
+        return [replace(p, prompt=varies[p.id](f"train:{p.id}")) for p in train[:n]]
+    per_family = VALID_ITEMS // len(FAMILIES)
+    taken: Counter[str] = Counter()
+    out = []
+    for p in train[n:]:
+        family = family_of(p.id)
+        if taken[family] < per_family:
+            taken[family] += 1
+            out.append(Prompt(id=f"valid/{p.id}", prompt=varies[p.id](f"valid:{p.id}"), answer=p.answer))
+    return out
+
+
 def heldout_split(split: str) -> list[Prompt]:
     """One held-out split ("in-distribution", "new-wording" or "new-task"), ids prefixed with its name."""
     if split not in SPLITS:
@@ -438,7 +476,7 @@ def split_of(prompt_id: str) -> str | None:
 def family_of(prompt_id: str) -> str:
     """The family of a task-suite id ("capitals-017" or "new-wording/capitals-017" -> "capitals")."""
     prefix, slash, rest = prompt_id.partition("/")
-    name = rest if slash and prefix in SPLITS else prompt_id
+    name = rest if slash and (prefix in SPLITS or prefix == "valid") else prompt_id
     family, dash, number = name.rpartition("-")
     if family not in FAMILIES + NEW_TASK_FAMILIES or not dash or not number.isdigit():
         raise UserError(f"{prompt_id!r} is not a task-suite id (expected [<split>/]<family>-<number>)")
@@ -488,7 +526,8 @@ def _counts(prompts: list[Prompt]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pudl.tasks", description=__doc__.split("\n")[0])
     parser.add_argument("--write", metavar="DIR",
-                        help=f"write tasks-train.jsonl, tasks-eval.jsonl and {SPLITS_FILE}")
+                        help=f"write tasks-train.jsonl, tasks-eval.jsonl, {SPLITS_FILE}, "
+                        f"{', '.join(VARIED.values())}")
     args = parser.parse_args(argv)
     out = Path(args.write) if args.write else None
     if out:
@@ -501,6 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     for split in SPLITS:
         prompts = heldout_split(split)
         print(f"held-out {split}: {len(prompts)} items ({_counts(prompts)})")
+    for name, filename in VARIED.items():
+        prompts = varied_split(name)
+        print(f"{name}: {len(prompts)} items ({_counts(prompts)}), training wordings varied")
+        if out:
+            write_jsonl(prompts, out / filename)
     if out:
         write_jsonl(heldout_suite(), out / SPLITS_FILE)
 
