@@ -1,12 +1,13 @@
 """Every tensor type llama.cpp writes: the MLX student computes with exactly llama.cpp's dequantized weights.
 
 A tiny random llama (rows of 256, as K- and IQ-quants need) is quantized by llama.cpp's own quantizer to each
-type, and dequantized back to F32 by llama.cpp too: the student's weights must equal those bit for bit, and its
+type (every tensor at that type, the embedding too), and dequantized back to F32 by llama.cpp too: the student's weights must equal those bit for bit, and its
 next-token log-probs must match llama.cpp's on that F32 file to float32 rounding.
 
 Tolerances. (1) Against llama.cpp on the F32 dequantization (float32 KV cache, no flash attention) both sides
-compute with the same weights in float32, so only summation order differs: docs/models.md measured max
-6.8e-5 for f32 models; asserted < 1e-3. (2) Against llama.cpp computing on the quantized file itself, llama.cpp
+compute with the same weights in float32, so only summation order differs: measured max 2e-4 to 7.5e-4 over
+the whole vocabulary at every position (these random models' sharp logits amplify float32 rounding); asserted
+< 2e-3, while a wrong layout moves the log-probs by > 0.05 mean (the weights themselves are compared bit for bit). (2) Against llama.cpp computing on the quantized file itself, llama.cpp
 adds an error of its own: its quantized dot products round the activations to 8 bits (Q8_0 / Q8_K). That error
 is measured in the test, per type, as llama.cpp's quantized-vs-F32 gap on the same weights, and the student may
 be no further from llama.cpp's quantized log-probs than that gap plus the bound of (1).
@@ -21,25 +22,32 @@ from pudl.errors import UserError
 from pudl.gguf_quants import read_header
 from pudl.models import Tokenizer, load_gguf_weights, load_student
 from pudl.prompts import Prompt, chat_messages
-from tests.tiny_gguf import llama_quantize, write_tiny_k_gguf
+from tests.tiny_gguf import llama_quantize
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-F16 = 1  # ggml type id: the embedding stays F16 in the per-type files (quantizing 49k rows costs seconds)
-FLOAT_BOUND = 1e-3  # (1) above
+FLOAT_BOUND = 2e-3  # (1) above
 
 # ggml tensor type -> the llama_ftype whose `pure` quantization writes every 2-D weight at that type
 PURE = {"BF16": "BF16", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0",
         "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
         "IQ2_XXS": "IQ2_XXS", "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
         "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "MXFP4": "MXFP4_MOE"}
-# llama.cpp's search for these grids takes 8-25 s per file on a 2-core machine: run with the integration tests
+# llama.cpp sets up these grids once per process (IQ1_S and IQ1_M share one) and searches them slowly: 4-11 s
+# per file on a 2-core machine, so they run with the integration tests
 SLOW = {"IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M"}
 TYPES = [*PURE, *(pytest.param(t, marks=pytest.mark.integration) for t in SLOW)]
 
 
 @pytest.fixture(scope="module")
 def f16(tmp_path_factory):
-    return write_tiny_k_gguf(tmp_path_factory.mktemp("ktiny") / "f16.gguf", seed=3)
+    """A tiny random llama (rows of 256; a 360-token BPE vocabulary, so every tensor quantizes and loads in
+    milliseconds) as an F16 GGUF written by pudl's converter: q/k rows permuted for llama.cpp's rope."""
+    from pudl.convert import hf_to_gguf
+    from tests.hf_tiny import write_tiny_hf
+
+    root = tmp_path_factory.mktemp("ktiny")
+    src = write_tiny_hf(root / "llama", "llama", seed=3, hidden=256, layers=2, heads=4, kv_heads=2, ffn=512)
+    return hf_to_gguf(src, "f16", root / "cache")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +105,7 @@ def check_against_llama_cpp(path, tokens, types: set[str], float_bound: float = 
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_each_type_computes_with_llama_cpps_weights(f16, tokens, ggml_type):
     ftype = {**PURE, **SLOW}[ggml_type]
-    path = llama_quantize(f16, f16.with_name(f"pure-{ggml_type}.gguf"), ftype, pure=True, embedding_type=F16)
+    path = llama_quantize(f16, f16.with_name(f"pure-{ggml_type}.gguf"), ftype, pure=True)
     check_against_llama_cpp(path, tokens, {ggml_type})
 
 
@@ -132,7 +140,7 @@ def test_mixed_file_keeps_q4_0_quantized(f16, tokens):
 def test_q4_k_stays_quantized_with_llama_cpps_values(f16, tokens):
     # Q4_K's groups of 32 are affine (d*sc*q - dmin*m): kept as MLX 4-bit groups, they dequantize to the bits
     # gguf-py's decoder gives, and the student in "quantized" mode computes what the float32 one does
-    path = llama_quantize(f16, f16.with_name("pure-Q4_K-packed.gguf"), "Q4_K_M", pure=True, embedding_type=F16)
+    path = llama_quantize(f16, f16.with_name("pure-Q4_K-packed.gguf"), "Q4_K_M", pure=True)
     packed, _, quant_bits = load_gguf_weights(path, dequantize=False)
     dense = load_gguf_weights(path, dequantize=True)[0]
     assert len(quant_bits) == 14 and set(quant_bits.values()) == {4}
@@ -146,8 +154,8 @@ def test_q4_k_stays_quantized_with_llama_cpps_values(f16, tokens):
 
 
 def test_a_type_gguf_py_cannot_decode_is_one_line_naming_it(f16):
-    path = llama_quantize(f16, f16.with_name("Q1_0.gguf"), "Q1_0", pure=True, embedding_type=F16)
-    with pytest.raises(UserError, match=r"tensor blk\.0\.\w+\.weight of .* has type Q1_0, which gguf-py") as e:
+    path = llama_quantize(f16, f16.with_name("Q1_0.gguf"), "Q1_0", pure=True)
+    with pytest.raises(UserError, match=r"tensor \S+\.weight of .* has type Q1_0, which gguf-py") as e:
         load_gguf_weights(path, dequantize=True)
     assert "\n" not in str(e.value)
 
@@ -164,7 +172,7 @@ def test_trained_lora_on_q4_k_m_changes_llama_cpp_like_mlx(q4_k_m, tokens, tmp_p
     prompts = [Prompt(f"p{i}", f"Question number {i}?") for i in range(4)]
     anchors = {p.id: f"Answer {i}: blue" for i, p in enumerate(prompts)}
     rng = np.random.default_rng(0)
-    cands = {p.id: [Candidate(p.id, 0, "", rng.integers(100, 5000, 5).astype(np.int32), np.zeros(5, np.float32),
+    cands = {p.id: [Candidate(p.id, 0, "", rng.integers(40, 300, 5).astype(np.int32), np.zeros(5, np.float32),
                               "length")] for p in prompts}
     comp = Completions({p.id: p for p in prompts}, anchors, cands, tok)
     pairs = [Pair(p.id, "anchor-vs-worst", ANCHOR_IDX, 0, None) for p in prompts]

@@ -67,23 +67,6 @@ def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2
     return path
 
 
-# Every tensor type llama.cpp's quantizer writes, as the llama_ftype names of llama.h (LLAMA_FTYPE_MOSTLY_*).
-# The _S/_M/_L/_XS mixes are llama.cpp's per-tensor choices among the base types.
-LLAMA_FTYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-                "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
-                "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0"]
-
-
-def write_tiny_k_gguf(path: Path, seed: int = 0) -> Path:
-    """A tiny random llama whose rows are whole 256-blocks (K- and IQ-quants need them), as an F16 GGUF written by
-    llama.cpp's own quantizer from an F32 one."""
-    f32 = write_tiny_gguf(path.with_suffix(".f32.gguf"), seed=seed, hidden=256, layers=2, heads=4, kv_heads=2,
-                          ffn=512, quantize=False)
-    llama_quantize(f32, path, "F16")
-    f32.unlink()
-    return path
-
-
 def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False, embedding_type: int = -1) -> Path:
     """`dst` = `src` quantized by llama.cpp (`llama_model_quantize`) to llama_ftype `ftype` ("Q4_K_M", "F32"...).
 
@@ -105,7 +88,7 @@ def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False, embeddi
     keep = []  # the imatrix rows must outlive the call
     if ftype.startswith(("IQ1", "IQ2", "IQ3_XXS", "IQ3_XS", "Q2_K_S")):
         _, tensors = read_header(src)
-        rows = [t for t in tensors if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight")]
+        rows = [t for t in tensors if len(t.shape) == 2]
         entries = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))()  # ends with a NULL name
         for entry, t in zip(entries, rows):
             n = t.shape[-1]  # one importance per column (ggml's ne0)
