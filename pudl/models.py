@@ -220,7 +220,7 @@ class FreqRoPE(nn.Module):
                             freqs=self._freqs)
 
 
-def _mlx_name_of(gguf_name: str, arch: str = "llama") -> str:
+def _mlx_name(gguf_name: str, arch: str = "llama") -> str:
     """The mlx-lm parameter path of a GGUF tensor name."""
     names = GEMMA3_TO_MLX if arch == "gemma3" else GGUF_TO_MLX
     stem, _, suffix = gguf_name.rpartition(".")
@@ -265,7 +265,7 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
     raw, meta = _read_gguf(path, keep_packed=not dequantize, dtype=dtype)
     arch = _meta_value(meta, "general.architecture")
     weights, quant_bits = {}, {}
-    _mlx_name = functools.partial(_mlx_name_of, arch=arch)
+    mlx_name = functools.partial(_mlx_name, arch=arch)
     for name, value in raw.items():
         if name.endswith((".scales", ".biases")):
             continue
@@ -278,22 +278,20 @@ def load_gguf_weights(path: Path, dequantize: bool, dtype=mx.float32) -> tuple[d
             bits = _bits(value, scales)
             if dequantize or stem in ("token_embd", "output"):  # the LM head is read whole by the log-prob kernel
                 # in float32: float16 scales would make MLX dequantize in float16 (~1e-3 off llama.cpp's weights)
-                weights[_mlx_name(name)] = mx.dequantize(value, scales.astype(mx.float32), biases.astype(mx.float32),
+                weights[mlx_name(name)] = mx.dequantize(value, scales.astype(mx.float32), biases.astype(mx.float32),
                                                          group_size=GROUP_SIZE, bits=bits).astype(dtype)
                 continue
-            module = _mlx_name(name)[: -len(".weight")]
+            module = mlx_name(name)[: -len(".weight")]
             quant_bits[module] = bits
             weights[module + ".scales"], weights[module + ".biases"] = scales, biases
-            weights[_mlx_name(name)] = value
+            weights[mlx_name(name)] = value
             continue
         if arch == "gemma3" and name.endswith("norm.weight"):
             # llama.cpp's converter stores Gemma's norm weights as 1 + w; mlx-lm's Gemma RMSNorm adds the 1 itself
             value = value.astype(mx.float32) - 1.0
-        weights[_mlx_name(name)] = value.astype(dtype)
+        weights[mlx_name(name)] = value.astype(dtype)
     return weights, meta, quant_bits
 
-
-_mlx_name = _mlx_name_of  # the llama-family names (tests and pudl.hfdir-style callers)
 
 
 class LoRALinear(nn.Module):
