@@ -10,8 +10,8 @@ in those decoders (a float16 scale times small integers) is exact in float32, so
 cannot change a bit; tests/test_quant_types.py checks bit equality against llama.cpp's own decoding.
 
 Q4_0 / Q4_1 / Q8_0 tensors of such a file are repacked into MLX's quantized layout, as mx.load would give
-them, and Q4_K tensors into MLX 4-bit groups of 32 with float32 scales, so `student.weights = "quantized"`
-keeps them quantized.
+them, and Q4_K / Q5_0 / Q5_1 / Q5_K tensors (also affine in groups of 32) into MLX 4- and 5-bit groups with
+float32 scales, so `student.weights = "quantized"` keeps them quantized.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import numpy as np
 
 from pudl.errors import UserError
 
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K = 0, 1, 2, 3, 8, 12  # ggml type ids (ggml.h)
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K = 0, 1, 2, 3, 6, 7, 8, 12, 13  # ggml type ids (ggml.h)
 MX_EXACT = frozenset({F32, F16, Q4_0, Q4_1, Q8_0})  # what mx.load reads without rounding
-MX_PACKED = frozenset({Q4_0, Q4_1, Q8_0, Q4_K})  # repacked into MLX's quantized layout (group 32)
+# affine in groups of 32 (scale * code + bias): repacked into MLX's quantized layout at group size 32
+MX_PACKED = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q5_0, Q5_1, Q5_K})
 SMALL_ARRAY = 64  # metadata arrays longer than this (tokenizer tables) are skipped, not decoded
 PROGRESS_AFTER_S = 2.0  # a load that takes longer shows which tensor it is at
 
@@ -159,6 +160,8 @@ def mlx_packed(data: np.ndarray, info: TensorInfo) -> tuple[np.ndarray, np.ndarr
     rows = int(np.prod(info.shape[:-1]))
     if info.qtype == Q4_K:
         return _q4_k_packed(data, rows)
+    if info.qtype in (Q5_0, Q5_1, Q5_K):
+        return _q5_packed(data, info.qtype, rows)
     per_row = info.shape[-1] // 32
     blocks = data.reshape(rows, per_row, -1)
     d = blocks[..., :2].copy().view(np.float16)[..., 0]
@@ -200,6 +203,41 @@ def _q4_k_packed(data: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, n
     return _pack_nibbles(codes, rows), scales, biases
 
 
+def _pack_5bit(codes: np.ndarray, rows: int) -> np.ndarray:
+    """5-bit codes (..., 32 per group) packed as MLX does: a little-endian bit stream, 8 codes in 5 bytes."""
+    eights = codes.reshape(-1, 8).astype(np.uint64) << np.arange(0, 40, 5, dtype=np.uint64)
+    stream = np.bitwise_or.reduce(eights, axis=-1).view(np.uint8).reshape(-1, 8)[:, :5]
+    return np.ascontiguousarray(stream).reshape(rows, -1).view(np.uint32)
+
+
+def _q5_packed(data: np.ndarray, qtype: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_0 (d * (code - 16)), Q5_1 (d * code + m) and Q5_K (d*sc * code - dmin*m over 8 groups of 32) as MLX
+    5-bit groups of 32 with float32 scales and biases; each product is exact in float32, as in _q4_k_packed."""
+    from gguf.quants import Q4_K as GgufQ4K
+
+    if qtype == Q5_K:
+        blocks = data.reshape(-1, 176)
+        n = blocks.shape[0]
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, m = GgufQ4K.get_scale_min(blocks[:, 4:16])
+        scales, biases = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+        # 128 bytes of low nibbles as in Q4_K; 32 bytes of high bits: bit g of byte i is group g's element i
+        low = (blocks[:, 48:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        high = (blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        codes = low.reshape(n, 8, 32) | (high << 4)
+    else:
+        head = 2 if qtype == Q5_0 else 4
+        blocks = data.reshape(-1, head + 20)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+        scales = d
+        biases = d * -16 if qtype == Q5_0 else blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+        qh = np.unpackbits(blocks[:, head:head + 4], axis=-1, bitorder="little")  # bit j -> element j
+        qs = blocks[:, head + 4:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (qh << 4)
+    return _pack_5bit(codes, rows), scales.reshape(rows, -1), biases.reshape(rows, -1)
+
+
 class _Progress:
     """A one-line progress count on stderr, shown only when a load turns out slow and stderr is a terminal."""
 
@@ -219,8 +257,8 @@ class _Progress:
 
 
 def read_tensors(path: Path, tensors: list[TensorInfo], keep_packed: bool, dtype) -> dict:
-    """The tensors as mx.load names them: floats cast to `dtype`, or, when `keep_packed`, Q4_0 / Q4_1 / Q8_0 /
-    Q4_K as name.weight / name.scales / name.biases (MLX quantized layout)."""
+    """The tensors as mx.load names them: floats cast to `dtype`, or, when `keep_packed`, the MX_PACKED types
+    as name.weight / name.scales / name.biases (MLX quantized layout)."""
     import mlx.core as mx
 
     from gguf.quants import _type_traits

@@ -137,16 +137,17 @@ def test_mixed_file_keeps_q4_0_quantized(f16, tokens):
     assert np.abs(mlx_logprobs(quantized, tokens) - mlx_logprobs(dense, tokens)).max() < 1e-4
 
 
-def test_q4_k_stays_quantized_with_llama_cpps_values(f16, tokens):
-    # Q4_K's groups of 32 are affine (d*sc*q - dmin*m): kept as MLX 4-bit groups, they dequantize to the bits
-    # gguf-py's decoder gives, and the student in "quantized" mode computes what the float32 one does
-    path = llama_quantize(f16, f16.with_name("pure-Q4_K-packed.gguf"), "Q4_K_M", pure=True)
+@pytest.mark.parametrize("ftype, bits", [("Q4_K_M", 4), ("Q5_K_M", 5), ("Q5_0", 5), ("Q5_1", 5)])
+def test_affine_types_stay_quantized_with_llama_cpps_values(f16, tokens, ftype, bits):
+    # Q4_K, Q5_K, Q5_0 and Q5_1 are affine in groups of 32 (scale * code + bias): kept as MLX 4/5-bit groups,
+    # they dequantize to the bits gguf-py's decoder gives, and the "quantized" student computes as the float32 one
+    path = llama_quantize(f16, f16.with_name(f"pure-{ftype}-packed.gguf"), ftype, pure=True)
     packed, _, quant_bits = load_gguf_weights(path, dequantize=False)
     dense = load_gguf_weights(path, dequantize=True)[0]
-    assert len(quant_bits) == 14 and set(quant_bits.values()) == {4}
+    assert len(quant_bits) == 14 and set(quant_bits.values()) == {bits}
     for module in quant_bits:
         w = mx.dequantize(packed[module + ".weight"], packed[module + ".scales"], packed[module + ".biases"],
-                          group_size=32, bits=4)
+                          group_size=32, bits=bits)
         np.testing.assert_array_equal(np.array(w), np.array(dense[module + ".weight"]), err_msg=module)
     quantized = load_student(path, 4, 8.0, TARGETS, weights="quantized")
     floats = load_student(path, 4, 8.0, TARGETS, weights="float32")
