@@ -1,12 +1,12 @@
-"""The student for MLX: GGUF weights -> mlx-lm llama / qwen2 / qwen3 model, LoRA, tokenizer and chat template.
+"""The student for MLX: GGUF weights -> mlx-lm llama / qwen2 / qwen3 / gemma3 model, LoRA, tokenizer and chat template.
 
 The student trains on exactly the weights llama.cpp samples from: `mx.load` reads the GGUF's Q4/Q8 blocks as
-MLX quantized tensors, and `pudl.gguf_quants` decodes every other tensor type llama.cpp writes (K-, IQ-, TQ-quants,
-Q5_0/Q5_1, BF16, MXFP4) bit for bit as llama.cpp does. `student.model` may also name a Hugging Face directory or hub id: pudl first writes it
-as a GGUF (`pudl.convert`) and loads that. llama.cpp permutes q/k rows only for the `llama` arch (interleaved
-rope), so llama-arch models use traditional rope and qwen2/qwen3/gemma3 NEOX rope on unpermuted rows. How a
-quantized linear computes (dequantized float32 on CPU, quantized_matmul on GPU) is chosen by
-`pudl.hardware.compute_policy`.
+MLX quantized tensors, and `pudl.gguf_quants` decodes every other tensor type llama.cpp writes (K-, IQ-,
+TQ-quants, Q5_0/Q5_1, BF16, MXFP4) bit for bit as llama.cpp does. `student.model` may also name a Hugging Face
+directory or hub id: pudl first writes it as a GGUF (`pudl.convert`) and loads that. llama.cpp permutes q/k
+rows only for the `llama` arch (interleaved rope), so llama-arch models use traditional rope and
+qwen2/qwen3/gemma3 NEOX rope on unpermuted rows. How a quantized linear computes (dequantized float32 on CPU,
+quantized_matmul on GPU) is chosen by `pudl.hardware.compute_policy`.
 """
 
 from __future__ import annotations
