@@ -31,6 +31,13 @@ Held-out splits (`heldout_split`, `SPLITS`), shipped together, 40 items each, in
   new-task        - operations training never shows (`NEW_TASK_FAMILIES`: multiplication by a
                     one-digit number, the previous day/month, plurals, the country of a
                     capital), 10 each, with training instructions so that only the task is new.
+Varied training wordings (`varied_split`, `VARIED`), for choosing recipe values without looking at
+the held-out splits:
+  train-varied - recipes/data/tasks-train-varied.jsonl: the shipped 48 training items (same ids and
+                 answers), each asked with a question and instruction drawn by hash from the
+                 family's whole training pool;
+  valid        - recipes/data/tasks-valid.jsonl: 40 training-split items after the shipped 48 (8 per
+                 family, ids `valid/<family>-<n>`), worded the same way: a validation slice.
 A held-out prompt's id is `<split>/<family>-<number>`: `split_of` reads the split, `family_of`
 the family ("new-wording/capitals-032" -> "new-wording", "capitals"); the number of an
 in-distribution or new-wording item is that of the eval item it comes from, so ids ending
