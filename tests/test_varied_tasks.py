@@ -10,8 +10,18 @@ import pytest
 
 from pudl.errors import UserError
 from pudl.prompts import load_prompts
-from pudl.tasks import (FAMILIES, SHIPPED, VARIED, family_of, heldout_suite, questions, task_suite, varied_split,
-                        wordings, write_jsonl)
+from pudl.tasks import (
+    FAMILIES,
+    SHIPPED,
+    VARIED,
+    family_of,
+    heldout_suite,
+    questions,
+    task_suite,
+    varied_split,
+    wordings,
+    write_jsonl,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
 
