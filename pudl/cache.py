@@ -19,7 +19,8 @@ import numpy as np
 from pudl.domain import ANCHOR_IDX, Candidate, Pair
 from pudl.errors import UserError, write_failed
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a version-1 cache is upgraded in place when opened for writing (`SCHEMA_V2`)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,6 +54,20 @@ CREATE TABLE IF NOT EXISTS stages (
   PRIMARY KEY (round, stage));
 """
 
+# Version 2 (issue 18) only adds tables: the teacher's ledger (every request's usage, per purpose), the
+# teacher's reference answers to held-out prompts, and the judge's verdicts. Upgrading a version-1 cache is
+# creating them; no row of version 1 changes.
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS ledger (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, purpose TEXT NOT NULL, prompt_id TEXT, requests INTEGER NOT NULL,
+  prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS eval_references (
+  prompt_id TEXT PRIMARY KEY, reference TEXT NOT NULL, teacher TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS judgments (
+  key TEXT PRIMARY KEY, prompt_id TEXT NOT NULL, comparison TEXT NOT NULL, first TEXT NOT NULL,
+  verdict TEXT NOT NULL, raw TEXT NOT NULL, judge TEXT NOT NULL, created REAL NOT NULL);
+"""
+
 STAGES = ("sample", "score", "prefs", "train")
 STAGE_TABLES = {"sample": ("candidates",), "score": ("scores", "groups"), "prefs": ("pairs", "references_"),
                 "train": ()}
@@ -68,7 +83,7 @@ class Cache:
         try:
             self.db = sqlite3.connect(self.path, timeout=30.0)
             version = self._schema_version()  # before anything writes: a foreign cache is left byte for byte
-            if version is not None and version != SCHEMA_VERSION:
+            if version is not None and version not in READABLE_VERSIONS:
                 self.db.close()
                 raise UserError(f"{self.path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}; "
                                 "use the pudl that wrote it, or another run directory (run.out / --out)")
@@ -79,8 +94,11 @@ class Cache:
                 raise UserError(write_failed(self.path, e)) from None
             raise UserError(f"{self.path}: not a pudl cache ({e})") from None
         with self._write():
-            self.db.executescript(SCHEMA)
+            # executescript commits first, so the tables and the version are two steps; creating the tables
+            # again is harmless, so a kill between them only upgrades again on the next open.
+            self.db.executescript(SCHEMA + SCHEMA_V2)
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         if fresh:
             os.chmod(self.path, 0o600)
 
@@ -97,7 +115,7 @@ class Cache:
             version = self._schema_version()
         except sqlite3.DatabaseError as e:
             raise UserError(f"{path}: not a pudl cache ({e})") from None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             self.db.close()
             raise UserError(f"{path}: cache schema version {version}, this pudl reads {SCHEMA_VERSION}")
         return self
@@ -136,15 +154,72 @@ class Cache:
     def anchors(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT prompt_id, anchor FROM anchors"))
 
-    def put_anchor(self, prompt_id: str, anchor: str, teacher: str):
-        """Commit one anchor at once: a crash after this never asks the teacher for it again."""
+    def put_anchor(self, prompt_id: str, anchor: str, teacher: str, spent=None):
+        """Commit one anchor at once, with what it cost (`spent`: a teachers.Reply, for the ledger): a crash after
+        this never asks the teacher for it again, and never loses its cost."""
         with self._write():
             self.db.execute("INSERT OR REPLACE INTO anchors VALUES (?, ?, ?, ?)", (prompt_id, anchor, teacher, time.time()))
             self.db.execute("DELETE FROM teacher_failures WHERE prompt_id=?", (prompt_id,))
+            self._spend("anchors", prompt_id, spent)
 
-    def put_teacher_failure(self, prompt_id: str, error: str):
+    def put_teacher_failure(self, prompt_id: str, error: str, spent=None):
         with self._write():
             self.db.execute("INSERT OR REPLACE INTO teacher_failures VALUES (?, ?, ?)", (prompt_id, error, time.time()))
+            self._spend("anchors", prompt_id, spent)
+
+    # the teacher's ledger, reference answers and judgments (schema version 2) ------------------------
+    def _spend(self, purpose: str, prompt_id: str | None, spent):
+        """One ledger row inside the caller's transaction; `spent` has requests, prompt/completion tokens, seconds."""
+        if spent is None:
+            return
+        self.db.execute("INSERT INTO ledger (purpose, prompt_id, requests, prompt_tokens, completion_tokens, seconds, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (purpose, prompt_id, int(getattr(spent, "requests", 1)), int(getattr(spent, "prompt_tokens", 0)),
+                         int(getattr(spent, "completion_tokens", 0)), float(getattr(spent, "seconds", 0.0)), time.time()))
+
+    def spend(self, purpose: str, prompt_id: str | None, spent):
+        """Record a teacher request that left nothing else to store (a failed reference or judgment)."""
+        with self._write():
+            self._spend(purpose, prompt_id, spent)
+
+    def _has_table(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+    def ledger(self) -> dict[str, dict]:
+        """purpose -> {calls, prompt_tokens, completion_tokens, seconds} over the life of the cache."""
+        if not self._has_table("ledger"):  # a version-1 cache opened read-only
+            return {}
+        rows = self.db.execute("SELECT purpose, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
+                               "SUM(seconds) FROM ledger GROUP BY purpose ORDER BY purpose")
+        return {p: {"calls": c, "prompt_tokens": i, "completion_tokens": o, "seconds": round(s, 3)}
+                for p, c, i, o, s in rows}
+
+    def eval_references(self) -> dict[str, str]:
+        """Held-out prompt id -> the teacher's reference answer."""
+        if not self._has_table("eval_references"):
+            return {}
+        return dict(self.db.execute("SELECT prompt_id, reference FROM eval_references"))
+
+    def put_eval_reference(self, prompt_id: str, reference: str, teacher: str, spent=None):
+        """Commit one reference answer and its cost together."""
+        with self._write():
+            self.db.execute("INSERT OR REPLACE INTO eval_references VALUES (?, ?, ?, ?)",
+                            (prompt_id, reference, teacher, time.time()))
+            self._spend("references", prompt_id, spent)
+
+    def judgments(self) -> dict[str, str]:
+        """Judgment key (`pudl.judge.judgment_key`) -> verdict: A, B, tie or invalid."""
+        if not self._has_table("judgments"):
+            return {}
+        return dict(self.db.execute("SELECT key, verdict FROM judgments"))
+
+    def put_judgment(self, key: str, prompt_id: str, comparison: str, first: str, verdict: str, raw: str, judge: str,
+                     spent=None):
+        """Commit one verdict and its cost together: a crash after this never asks the judge for it again."""
+        with self._write():
+            self.db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (key, prompt_id, comparison, first, verdict, raw, judge, time.time()))
+            self._spend("judge", prompt_id, spent)
 
     def teacher_failures(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT prompt_id, error FROM teacher_failures"))

@@ -38,7 +38,8 @@ def ls(run_dir):
 
     Counts per round (prompts sampled, candidates, prompts scored, score rows, pairs, reference log-prob rows,
     how the scored groups came out) and each stage's state: done, interrupted (begun, not finished: the next
-    `pudl run` resumes it) or - (not run).
+    `pudl run` resumes it) or - (not run). Then the teacher's ledger: requests, tokens and seconds per purpose
+    (anchors, references, judge) over the life of the cache, and the cost at the recipe's prices.
     """
     from pudl.cache import STAGES
 
@@ -46,6 +47,7 @@ def ls(run_dir):
     try:
         totals, rounds, stages = db.counts(), db.rounds(), db.stage_rows()
         per_round = {r: (db.round_counts(r), db.group_statuses(r)) for r in rounds}
+        spent = db.ledger()
     finally:
         db.close()
     console = Console()
@@ -73,6 +75,26 @@ def ls(run_dir):
     for r in rounds:
         table.add_row(str(r), *(state.get((r, s), "-") for s in names))
     console.print(table)
+    _print_ledger(console, Path(run_dir), spent)  # last: after the tables scripts read by position
+
+
+def _prices(run_dir: Path) -> tuple[float, float]:
+    """[teacher] price_in / price_out from the run's resolved recipe.toml (0, 0 when it has none)."""
+    import tomllib
+
+    try:
+        teacher = tomllib.loads((run_dir / "recipe.toml").read_text()).get("teacher", {})
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return float(teacher.get("price_in", 0.0) or 0.0), float(teacher.get("price_out", 0.0) or 0.0)
+
+
+def _print_ledger(console: Console, run_dir: Path, spent: dict):
+    """The teacher's ledger, one line per purpose, and the cost when the run's recipe sets prices."""
+    from pudl.ledger import lines, with_cost
+
+    for line in lines(with_cost(spent, *_prices(run_dir))):
+        console.print(f"teacher ledger · {escape(line)}", highlight=False)
 
 
 def _mark(text: str, answer: str | None) -> str:

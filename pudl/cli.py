@@ -65,9 +65,40 @@ def _print_summary(summary: dict):
     if too_long:
         console.print(f"[yellow]{len(too_long)} prompt(s) longer than student.n_ctx skipped: "
                       f"{escape(', '.join(too_long))}", highlight=False)
+    held = summary.get("held_out") or {}
+    if held.get("source") == "data.eval_fraction" and held.get("n"):
+        console.print(f"held out {held['n']} prompt(s) of data.prompts for evaluation (data.eval_fraction = "
+                      f"{held['fraction']:g}; never trained on; ids in summary.json)", highlight=False)
     for key in ("strict_accuracy", "lenient_accuracy", "anchor_score"):
         if key in b or key in a:
             console.print(f"  held-out {key:<17} before {b.get(key, float('nan')):.3f}  after {a.get(key, float('nan')):.3f}")
+    for line in _open_ended_lines(b, a):
+        console.print(line, highlight=False)
+    from pudl.ledger import lines
+
+    for line in lines(summary.get("ledger") or {}):
+        console.print(f"  teacher ledger · {line}", highlight=False)
+
+
+def _open_ended_lines(b: dict, a: dict) -> list[str]:
+    """Reference metrics before/after and the judged win rates, for a run's or an evaluation's summary."""
+    out = []
+    rb, ra = b.get("reference") or {}, a.get("reference") or {}
+    for key in ("chrf", "rouge_l"):
+        if key in rb or key in ra:
+            out.append(f"  held-out {key + ' vs teacher':<17} before {_num(rb.get(key))}  after {_num(ra.get(key))}"
+                       f"  (n {ra.get('n', rb.get('n'))})")
+    for key, row in (a.get("judge") or {}).items():
+        if key.startswith("win_rate_") and isinstance(row, dict):
+            ci = row.get("ci95")
+            out.append(f"  judged {key[len('win_rate_'):]:<17} win {_num(row['win_rate'])}  tie {_num(row['tie_rate'])}  "
+                       f"loss {_num(row['loss_rate'])}  (n {row['n']}, invalid {row['invalid']}, 95 % Wilson "
+                       f"{'-' if ci is None else f'{ci[0]:.2f}-{ci[1]:.2f}'})")
+    return out
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 @main.command()
@@ -107,13 +138,19 @@ def study(study_file, arms, quiet):
 @click.option("--before", type=click.Path(dir_okay=False),
               help="A result written by `pudl eval --out` for the base student on the same prompts: adds "
                    "retention (of what it answered right, the share this student still answers right).")
+@click.option("--judge", type=click.Choice(["none", "teacher"]), default=None,
+              help="Judged comparison (eval.judge): the adapter's replies against the base student's (--before, "
+                   "else evaluated now) and the teacher's, both orders; verdicts cached in the recipe's run "
+                   "directory, shared with `pudl run`.")
 @user_errors
-def eval_(recipe, adapter, prompts, as_json, out, before):
+def eval_(recipe, adapter, prompts, as_json, out, before, judge):
     """Evaluate the student of RECIPE (optionally with an adapter) on held-out prompts.
 
     Reports strict and lenient accuracy (prompts with an `answer`), per held-out split when the prompt ids
     name one (e.g. recipes/data/tasks-eval-splits.jsonl: in-distribution, new-wording, new-task), and the
-    anchor score (mean token log-prob of the reference answer under the student).
+    anchor score (mean token log-prob of the reference answer under the student). Without --prompts and
+    data.eval, the prompts `pudl run` held out (data.eval_fraction). Where the recipe's run directory has a
+    cache (or with --judge), chrF and ROUGE-L against the teacher's reference answers (eval.references).
     """
     from pathlib import Path
 
@@ -124,9 +161,14 @@ def eval_(recipe, adapter, prompts, as_json, out, before):
     from pudl.report import Reporter
     from pudl.runtime import Runtime
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, overrides=[f"eval.judge={judge}"] if judge else None)
     path = prompts or r.data.eval or r.data.prompts
     items = load_prompts(path)
+    if not prompts and not r.data.eval:  # the share `pudl run` held out of data.prompts
+        from pudl.loop import holdout_ids
+
+        held = set(holdout_ids([p.id for p in items], r.data.eval_fraction, r.run.seed))
+        items = [p for p in items if p.id in held] or items
     adapter_path = Path(adapter) if adapter else None
     if adapter_path and not adapter_path.is_file():
         raise UserError(f"--adapter: file not found: {adapter_path}")
@@ -138,8 +180,10 @@ def eval_(recipe, adapter, prompts, as_json, out, before):
                           on_prompt=lambda p: advance())
     result["prompts"] = str(path)
     result["adapter"] = str(adapter_path) if adapter_path else None
-    if before:
-        result["retention"] = retention(_read_result(before), result)
+    base = _read_result(before) if before else None
+    if base is not None:
+        result["retention"] = retention(base, result)
+    _open_ended(r, runtime, items, result, base, rep)
     if out:
         write_json(Path(out), result)
     if as_json:
@@ -149,11 +193,42 @@ def eval_(recipe, adapter, prompts, as_json, out, before):
     for key in ("n", "strict_accuracy", "lenient_accuracy", "anchor_score"):
         if key in result:
             console.print(f"{key:<17} {result[key]}")
+    for line in _open_ended_lines({}, result):
+        console.print(line.strip(), highlight=False)
     kept = result.get("retention") or {}
     for split, f in (result.get("splits") or {}).items():
         extra = f"  retention {kept[split]['retention']}" if split in kept else ""
         console.print(f"{split:<17} n {f['n']}  strict {f.get('strict_accuracy')}  "
                       f"lenient {f.get('lenient_accuracy')}{extra}", highlight=False)
+
+
+def _open_ended(r, runtime, items, result: dict, base: dict | None, rep):
+    """Reference metrics and (eval.judge) the judged comparison into `result`, through the cache of the recipe's
+    run directory: references and verdicts a `pudl run` stored are reused, new ones are stored there."""
+    from pathlib import Path
+
+    from pudl.cache import Cache
+    from pudl.evaluate import evaluate, reference_metrics
+    from pudl.loop import collect_references, judge_replies
+
+    path = Path(r.run.out) / "cache.sqlite"
+    judging = r.eval.judge != "none"
+    if not (judging or (r.eval.references and path.exists())):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = Cache(path)
+    try:
+        refs = collect_references(r, cache, items, rep)
+        metrics = reference_metrics(result, refs)
+        if metrics:
+            result["reference"] = metrics
+        if judging:
+            if base is None:  # the base student's replies, greedy as in `pudl run`
+                with runtime.sampler(None) as sampler, rep.phase("eval before", len(items)) as advance:
+                    base = evaluate(items, sampler, max_tokens=r.eval.max_tokens, on_prompt=lambda p: advance())
+            result["judge"] = judge_replies(r, cache, items, result, base, refs, rep)
+    finally:
+        cache.close()
 
 
 def _read_result(path: str) -> dict:

@@ -6,11 +6,14 @@
   anchor when there is one, else the prompt's reference answer;
 - splits: the same accuracies per held-out split, for prompts whose id names one (`pudl.tasks.split_of`:
   "new-wording/capitals-032"); absent when none does;
-- `retention(before, after)`: of what the base student answered right, the share the trained one still does.
+- `retention(before, after)`: of what the base student answered right, the share the trained one still does;
+- `reference_metrics(result, references)`: for prompts without an answer key, chrF and ROUGE-L of each reply
+  against the teacher's reference answer (`pudl.scoring.chrf`; `rouge_l` here), per reply and their means.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -19,6 +22,7 @@ from pudl.agreement import family_or_other, order_consistency
 from pudl.domain import SamplingParams
 from pudl.errors import UserError
 from pudl.prompts import Prompt, chat_messages
+from pudl.scoring import chrf
 from pudl.sequences import sequence_logprobs
 from pudl.tasks import SPLITS, lenient_match, split_of, strict_match
 
@@ -113,6 +117,38 @@ def retention(before: dict, after: dict) -> dict:
         kept = sum(now[pid] for pid in was)
         out[name] = {"right_before": len(was), "kept": kept, "retention": kept / len(was) if was else None}
     return out
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 in [0, 1]: the longest common subsequence of lower-cased word tokens, as recall and precision
+    against the reference, combined with equal weight; two empty texts agree, one empty shares nothing."""
+    hyp, ref = re.findall(r"\w+", candidate.lower()), re.findall(r"\w+", reference.lower())
+    if not hyp or not ref:
+        return float(hyp == ref)
+    previous = [0] * (len(ref) + 1)
+    for h in hyp:  # one row of the LCS table at a time
+        row = [0]
+        for j, r in enumerate(ref):
+            row.append(previous[j] + 1 if h == r else max(previous[j + 1], row[j]))
+        previous = row
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(hyp), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def reference_metrics(result: dict, references: dict[str, str]) -> dict | None:
+    """chrF and ROUGE-L of each reply in `result` against its prompt's teacher reference, written into the reply
+    rows; the means and n over the replies that have one; None when none has."""
+    rows = [r for r in result.get("replies", []) if r["id"] in references]
+    for r in rows:
+        r["chrf"] = chrf(r["reply"], references[r["id"]])
+        r["rouge_l"] = rouge_l(r["reply"], references[r["id"]])
+    if not rows:
+        return None
+    return {"n": len(rows), "chrf": float(np.mean([r["chrf"] for r in rows])),
+            "rouge_l": float(np.mean([r["rouge_l"] for r in rows]))}
 
 
 def ranker_agreement(prompts: list[Prompt], candidates: dict, scores: dict[str, dict[str, list[float]]]) -> dict:

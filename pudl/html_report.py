@@ -227,6 +227,28 @@ def plot_accuracy(evals: dict[str, dict]) -> bytes | None:
     return _png(fig)
 
 
+def plot_judge(judge: dict | None) -> bytes | None:
+    """The judged comparison as stacked win / tie / loss bars per comparison, with the win rate's 95 % interval."""
+    rows = [(k[len("win_rate_"):], v) for k, v in (judge or {}).items()
+            if k.startswith("win_rate_") and isinstance(v, dict) and v.get("n")]
+    if not rows:
+        return None
+    fig, (ax,) = _figure(1, height=1.2 + 0.6 * len(rows))
+    for i, (name, r) in enumerate(rows):
+        left = 0.0
+        for key, color in (("win_rate", "C2"), ("tie_rate", "0.75"), ("loss_rate", "C3")):
+            ax.barh(i, r[key], left=left, color=color, label=key.split("_")[0] if i == 0 else None)
+            left += r[key]
+        if r.get("ci95"):
+            lo, hi = r["ci95"]
+            ax.errorbar([r["win_rate"]], [i], xerr=[[r["win_rate"] - lo], [hi - r["win_rate"]]], color="k", capsize=3)
+    ax.set_yticks(range(len(rows)), [f"{n} (n={r['n']})" for n, r in rows], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of valid verdicts (error bar: win rate, 95 % Wilson)")
+    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    return _png(fig)
+
+
 def plot_scores(data: RunData) -> bytes | None:
     """Self-rank score histograms per round and scorer: candidates (split correct / incorrect where prompts carry
     answers) and the anchors."""
@@ -423,6 +445,44 @@ def _splits(evals: dict) -> list[str]:
     return ["<h2>Held-out splits</h2>", f"<p class='sub'>{html.escape(note)}</p>", _table(SPLIT_HEADER, rows)]
 
 
+def _open_ended(evals: dict, summary: dict) -> list[str]:
+    """Reference metrics (chrF, ROUGE-L against the teacher's answers), the judged comparison and the teacher's
+    ledger; nothing for a run that has none of them."""
+    before, after = evals.get("before") or {}, evals.get("after") or {}
+    parts = []
+    rb, ra = before.get("reference") or {}, after.get("reference") or {}
+    if rb or ra:
+        rows = [[k, _float(rb.get(k)), _float(ra.get(k)), ra.get("n", rb.get("n"))] for k in ("chrf", "rouge_l")]
+        parts += ["<h2>Against the teacher's reference answers</h2>",
+                  "<p class='sub'>The teacher answered each held-out prompt once; chrF (character n-grams) and "
+                  "ROUGE-L (longest common word subsequence) of the greedy replies against it, mean over prompts.</p>",
+                  _table(["metric", "before", "after", "n"], rows)]
+    judge = after.get("judge") or {}
+    rows = [[k[len("win_rate_"):], _float(v.get("win_rate")), _float(v.get("tie_rate")), _float(v.get("loss_rate")),
+             v.get("n"), v.get("invalid"), v.get("missing"),
+             "—" if not v.get("ci95") else f"{v['ci95'][0]:.2f} – {v['ci95'][1]:.2f}"]
+            for k, v in judge.items() if k.startswith("win_rate_") and isinstance(v, dict)]
+    if rows:
+        parts += ["<h2>Judged comparison</h2>",
+                  f"<p class='sub'>{html.escape(str(judge.get('judge', '')))} compared the final adapter's reply with "
+                  "the base model's (vs_before) and with the teacher's answer (vs_teacher), each pair in both orders; "
+                  "rates over valid verdicts (a reply that is not A, B or tie is invalid, not a tie).</p>",
+                  _table(["comparison", "win", "tie", "loss", "n", "invalid", "missing", "win 95 % (Wilson)"], rows),
+                  _image(plot_judge(judge), "judged win / tie / loss", "Win / tie / loss of the final adapter.",
+                         "No valid verdict yet.")]
+    ledger = summary.get("ledger") or {}
+    rows = [[p, v["calls"], v["prompt_tokens"], v["completion_tokens"], float(v["seconds"])]
+            for p, v in ledger.items() if p != "cost" and isinstance(v, dict)]
+    if rows:
+        cost = ledger.get("cost")
+        parts += ["<h2>Teacher ledger</h2>",
+                  "<p class='sub'>Every teacher request over the life of the cache, per purpose"
+                  + (f"; cost {cost['total']:.4f} at {cost['price_in']:g} / {cost['price_out']:g} per million "
+                     "prompt / completion tokens" if cost else "") + ".</p>",
+                  _table(["purpose", "calls", "prompt tokens", "completion tokens", "seconds"], rows)]
+    return parts
+
+
 def _replies(evals: dict) -> str:
     before = {r["id"]: r for r in (evals.get("before") or {}).get("replies", [])}
     after = {r["id"]: r for r in (evals.get("after") or {}).get("replies", [])}
@@ -431,6 +491,8 @@ def _replies(evals: dict) -> str:
         return ""
 
     def mark(r):
+        if "strict" not in r:  # a prompt without an answer key
+            return ""
         return "✓" if r.get("strict") else "~" if r.get("lenient") else "✗"
 
     rows = [[i, f"{mark(before[i])} {before[i].get('reply', '')}", f"{mark(after[i])} {after[i].get('reply', '')}"]
@@ -459,6 +521,7 @@ def render_html(data: RunData) -> str:
         "replies, strict = exact answer, lenient = the answer appears as a word.",
         "No held-out evaluation (set data.eval to prompts with answers).")]
     parts += _splits(data.evals)
+    parts += _open_ended(data.evals, s)
     parts += ["<h2>Self-ranking scores</h2>", _image(
         plot_scores(data), "score distributions per round",
         "Anchor-conditioned self-ranking scores of the sampled candidates per round"

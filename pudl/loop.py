@@ -9,13 +9,14 @@ what a changed recipe invalidates. Other ranks of a distributed run only train (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from pudl.cache import Cache, fingerprint, pair_order
 from pudl.distributed import SINGLE, World, init_world
 from pudl.domain import ANCHOR_BEHAVIOUR_IDX, ANCHOR_IDX, Candidate, Group, Pair, SamplingParams, TrainJob
 from pudl.errors import TeacherError, UserError
-from pudl.evaluate import evaluate, retention
+from pudl.evaluate import evaluate, reference_metrics, retention
+from pudl import judge as judging
+from pudl import ledger
 from pudl.losses import LOSSES
 from pudl.pairs import group_status, make_pairs, rank
 from pudl.prefs import Completions, make_groups, needed_references, training_batches
@@ -40,7 +43,7 @@ from pudl.runtime import Runtime
 from pudl.scoring import REFERENCE_TEMPLATE, score_groups
 from pudl.sequences import completion_logprobs
 from pudl.stages import Stages
-from pudl.teachers import Teacher, make_teacher
+from pudl.teachers import ask_all, make_teacher, reply_of
 from pudl.train import train
 
 SCORE_CHUNK = 4  # prompts scored (and committed) together
@@ -86,6 +89,17 @@ class Run:
         self.tokenizer = self.runtime.tokenizer
         self.usable, self.too_long = self._fitting(self.prompts, "training")
         self.eval_prompts, _ = self._fitting(self.eval_prompts, "held-out")
+        self.holdout: list[str] = []
+        if not recipe.data.eval:  # every run reports something: hold out a seeded share, never trained on
+            held = set(holdout_ids([p.id for p in self.usable], recipe.data.eval_fraction, recipe.run.seed))
+            self.eval_prompts = [p for p in self.usable if p.id in held]
+            self.usable = [p for p in self.usable if p.id not in held]
+            self.holdout = [p.id for p in self.eval_prompts]
+            if self.holdout:
+                self.rep.say(f"held out {len(self.holdout)} of {len(self.holdout) + len(self.usable)} prompts for "
+                             f"the before/after evaluation (data.eval_fraction = {recipe.data.eval_fraction:g}, "
+                             f"seed {recipe.run.seed}); they are never trained on")
+                self.rep.log("holdout", ids=self.holdout, fraction=recipe.data.eval_fraction)
         self.teacher_calls = 0
         self.failures: dict[str, str] = {}
 
@@ -121,16 +135,15 @@ class Run:
         anchors = self.cache.anchors()
         missing = [p for p in self.usable if p.id not in anchors]
         if missing:
-            teacher = make_teacher(self.recipe.teacher)
-            workers = self.recipe.teacher.max_concurrency if self.recipe.teacher.backend == "openai" else 1
+            teacher = self.teacher()
             with self.rep.phase("teacher", len(missing)) as advance:  # the others answer locally, one at a time
-                for p, answer in _ask_all(teacher, missing, workers):
+                for p, answer in ask_all(lambda q: reply_of(teacher, q), missing, _workers(self.recipe.teacher)):
                     self.teacher_calls += 1
                     if isinstance(answer, TeacherError):
-                        self.cache.put_teacher_failure(p.id, str(answer))
+                        self.cache.put_teacher_failure(p.id, str(answer), spent=answer)
                     else:
-                        self.cache.put_anchor(p.id, answer, teacher.name)
-                        anchors[p.id] = answer
+                        self.cache.put_anchor(p.id, answer.text, teacher.name, spent=answer)
+                        anchors[p.id] = answer.text
                     advance()
         ids = {p.id for p in self.usable}
         self.failures = {pid: e for pid, e in self.cache.teacher_failures().items() if pid in ids}
@@ -141,22 +154,49 @@ class Run:
         self.rep.log("teacher", calls=self.teacher_calls, anchors=len(anchors), failures=len(self.failures))
         return anchors
 
+    def references(self) -> dict[str, str]:
+        """The teacher's reference answers to the held-out prompts (`collect_references`)."""
+        return collect_references(self.recipe, self.cache, self.eval_prompts, self.rep, self.teacher)
+
+    def teacher(self):
+        """The recipe's teacher, made once per run (a local teacher model loads on its first answer)."""
+        if getattr(self, "_teacher", None) is None:
+            self._teacher = make_teacher(self.recipe.teacher)
+        return self._teacher
+
     # evaluation ----------------------------------------------------------------------------------
-    def evaluate(self, name: str, adapter: Path | None, key: str, anchors: dict[str, str]) -> dict | None:
-        """Held-out evaluation, cached in eval-<name>.json under a fingerprint of what it depends on."""
+    def evaluate(self, name: str, adapter: Path | None, key: str, anchors: dict[str, str],
+                 before: dict | None = None) -> dict | None:
+        """Held-out evaluation: the replies cached in eval-<name>.json under a fingerprint of what they depend on;
+        reference metrics and (after training, eval.judge) the judged comparison, from the cache's references
+        and verdicts, added each time (nothing is asked twice)."""
         if not self.eval_prompts:
             return None
         path = self.run_dir / f"eval-{name}.json"
-        fp = fingerprint(key, self.recipe.eval.max_tokens, [asdict(p) for p in self.eval_prompts])
+        e = self.recipe.eval
+        judged = [e.judge, self.recipe.section_dict("judge")] if e.judge != "none" and name == "after" else []
+        fp = fingerprint(key, e.max_tokens, [asdict(p) for p in self.eval_prompts], *judged)
+        result = None
         if path.exists():
             cached = json.loads(path.read_text())
             if cached.get("fingerprint") == fp:
-                return cached
-        with self.runtime.sampler(adapter) as sampler, \
-                self.rep.phase(f"eval {name}", len(self.eval_prompts)) as advance:
-            result = evaluate(self.eval_prompts, sampler, self.student, self.tokenizer, anchors,
-                              max_tokens=self.recipe.eval.max_tokens, on_prompt=lambda p: advance())
-        result["fingerprint"] = fp
+                result = cached
+        if result is None:
+            with self.runtime.sampler(adapter) as sampler, \
+                    self.rep.phase(f"eval {name}", len(self.eval_prompts)) as advance:
+                result = evaluate(self.eval_prompts, sampler, self.student, self.tokenizer, anchors,
+                                  max_tokens=e.max_tokens, on_prompt=lambda p: advance())
+            result["fingerprint"] = fp
+        references = self.references()
+        result["held_out"] = "data.eval" if self.recipe.data.eval else "data.eval_fraction"
+        result.pop("reference", None)
+        result.pop("judge", None)
+        metrics = reference_metrics(result, references)
+        if metrics:
+            result["reference"] = metrics
+        if name == "after" and e.judge != "none":
+            result["judge"] = judge_replies(self.recipe, self.cache, self.eval_prompts, result, before, references,
+                                            self.rep)
         write_json(path, result)
         self.rep.log("eval", name=name, **{k: v for k, v in result.items() if k not in ("replies", "fingerprint")})
         return result
@@ -274,28 +314,71 @@ class Run:
         return round_dir / "adapter.gguf"
 
 
-def _ask_all(teacher: Teacher, prompts: list[Prompt], workers: int):
-    """Yield (prompt, anchor or TeacherError) as answers arrive, with at most `workers` requests in flight.
+def _workers(cfg) -> int:
+    """Requests in flight: openai's max_concurrency; a local model answers one at a time."""
+    return cfg.max_concurrency if cfg.backend == "openai" else 1
 
-    The caller commits each one in this thread (SQLite connections stay in their thread). A UserError (e.g. a
-    rejected key) stops the phase: queued prompts are cancelled, answers already committed stay."""
-    def ask(p: Prompt):
-        try:
-            return teacher.answer(p)
-        except TeacherError as e:
-            return e
 
-    if workers == 1:
-        for p in prompts:
-            yield p, ask(p)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="teacher")
-    try:
-        futures = {pool.submit(ask, p): p for p in prompts}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+def collect_references(recipe: Recipe, cache: Cache, prompts: list[Prompt], rep: Reporter, teacher=None) -> dict:
+    """The teacher's answer to each held-out prompt (eval.references): asked once in the life of the cache, each
+    committed with its cost as it arrives ('references' in the ledger). A failure is asked again by the next
+    run; that prompt has no reference metrics meanwhile."""
+    if not (recipe.eval.references and prompts):
+        return {}
+    cache.put_prompts(prompts)
+    refs = cache.eval_references()
+    missing = [p for p in prompts if p.id not in refs]
+    if missing:
+        teacher = teacher() if callable(teacher) else make_teacher(recipe.teacher)
+        failed = 0
+        with rep.phase("references", len(missing)) as advance:
+            for p, answer in ask_all(lambda q: reply_of(teacher, q), missing, _workers(recipe.teacher)):
+                if isinstance(answer, TeacherError):
+                    cache.spend("references", p.id, answer)
+                    failed += 1
+                else:
+                    cache.put_eval_reference(p.id, answer.text, teacher.name, spent=answer)
+                    refs[p.id] = answer.text
+                advance()
+        if failed:
+            rep.say(f"[yellow]teacher failed to give a reference for {failed} held-out prompt(s); the next run asks "
+                    "again")
+    ids = {p.id for p in prompts}
+    return {pid: text for pid, text in refs.items() if pid in ids}
+
+
+def judge_config(recipe: Recipe):
+    """eval.judge = 'teacher': the [judge] section if it names a backend, else the [teacher] endpoint without the
+    teacher's system text (a house style is for answers, not verdicts), at temperature 0."""
+    j, t = recipe.judge, recipe.teacher
+    if j.backend:
+        return j
+    return dataclasses.replace(t, max_tokens=j.max_tokens, system="", temperature=0.0)
+
+
+def judge_replies(recipe: Recipe, cache: Cache, prompts: list[Prompt], after: dict, before: dict | None,
+                  references: dict[str, str], rep: Reporter) -> dict:
+    """The judged comparison of the trained student's replies (`pudl.judge`), every verdict cached in `cache`."""
+    cfg = judge_config(recipe)
+    judge = make_teacher(cfg)
+    replies = lambda result: {r["id"]: r["reply"] for r in (result or {}).get("replies", [])}  # noqa: E731
+    jobs = judging.plan(judge.name, prompts, replies(after), replies(before), references)
+    cached = cache.judgments()
+    with rep.phase("judge", sum(j.key not in cached for j in jobs)) as advance:
+        verdicts = judging.judge_all(cache, judge, jobs, _workers(cfg), on_job=lambda j: advance())
+    return {**judging.rates(jobs, verdicts), "judge": judge.name}
+
+
+def holdout_ids(ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The prompt ids held out for evaluation when the recipe names no data.eval: round(fraction * N), at least
+    min(3, N // 4), none at fraction 0. Chosen by a seeded hash of each id, so the choice does not depend on the
+    file's order and adding prompts moves none of the others between the two sides."""
+    if fraction <= 0 or not ids:
+        return []
+    n = min(len(ids) - 1, max(round(fraction * len(ids)), min(3, len(ids) // 4)))
+    rank = sorted(ids, key=lambda pid: hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest())
+    chosen = set(rank[:n])
+    return [pid for pid in ids if pid in chosen]
 
 
 def _kill_hook(rep: Reporter) -> Reporter:
@@ -415,7 +498,9 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             prev_fp = fp_train
         shutil.copyfile(adapter, run_dir / "adapter.gguf.tmp")
         os.replace(run_dir / "adapter.gguf.tmp", run_dir / "adapter.gguf")
-        after = state.evaluate("after", adapter, prev_fp, anchors)
+        after = state.evaluate("after", adapter, prev_fp, anchors, before=before)
+        spent = ledger.with_cost(state.cache.ledger(), recipe.teacher.price_in, recipe.teacher.price_out)
+        rep.log("ledger", **spent)
         summary = {
             "recipe": recipe.path,
             "rounds": recipe.run.rounds,
@@ -426,6 +511,11 @@ def _run(recipe: Recipe, reporter_factory, world: World = SINGLE) -> dict:
             "tokens_sampled": tokens_sampled,  # candidate tokens generated for training (evaluation excluded)
             "teacher_failed": state.failures,  # prompt id -> last error; the next run asks again
             "skipped_too_long": state.too_long,
+            # where the held-out prompts came from; with data.eval_fraction, their ids (never trained on)
+            "held_out": {"source": "data.eval" if recipe.data.eval else "data.eval_fraction",
+                         "n": len(state.eval_prompts), "fraction": None if recipe.data.eval else recipe.data.eval_fraction,
+                         "ids": state.holdout},
+            "ledger": spent,  # every teacher request over the life of the cache, per purpose (pudl.ledger)
             "stages": state.stages.status,
             "cache": state.cache.counts(),
             "before": _brief(before),

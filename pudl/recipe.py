@@ -24,7 +24,8 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 NORMS = ("token", "sequence")
 SAMPLE_BACKENDS = ("llamacpp", "llamacpp-sequential", "mlx")
 KV_CACHES = ("auto", "unified", "streams")  # pudl.sampler.Sampler's layouts
-QUANTS = ("q8_0", "q4_0", "f16", "f32")  # pudl.convert.QUANTS (not imported: recipes load without numpy)
+QUANTS = ("q8_0", "q4_0", "f16", "f32")
+JUDGES = ("none", "teacher")  # pudl.convert.QUANTS (not imported: recipes load without numpy)
 
 
 def _f(default, help: str, **checks):
@@ -70,12 +71,23 @@ class TeacherConfig:
                           min=0, max=20)
     backoff_s: float = _f(1.0, "openai: first retry delay; doubles per retry, with jitter, capped at 30 s",
                           min=0.0, max=60.0)
+    # Anchors never depend on the recipe (asked once, ever): changing it later does not re-ask cached prompts.
+    system: str = _f("", "a system prompt sent to the teacher only, before the prompt's own system text (never "
+                     "shown to the student): e.g. a house style the student is to learn without being told")
+    # Accounting only: not part of any fingerprint.
+    price_in: float = _f(0.0, "price per million prompt tokens, for the run's cost in the ledger (0: no cost shown)",
+                         min=0.0, fingerprint=False)
+    price_out: float = _f(0.0, "price per million completion tokens, for the run's cost in the ledger", min=0.0,
+                          fingerprint=False)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     prompts: str = _f("", "training prompts, JSONL rows {prompt, id?, system?, answer?}")
     eval: str = _f("", "held-out prompts (JSONL) for before/after evaluation")
+    eval_fraction: float = _f(0.1, "without data.eval: the share of data.prompts held out (seeded by run.seed, never "
+                              "trained on) for the before/after evaluation; at least min(3, N/4) prompts; 0: none",
+                              min=0.0, max=0.5)
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,20 @@ class LoraConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_tokens: int = _f(32, "longest greedy reply when evaluating", min=1, max=8192)
+    references: bool = _f(True, "ask the teacher once per held-out prompt for a reference answer (cached, counted "
+                          "as 'references' in the ledger) and report chrF and ROUGE-L of the replies against it")
+    judge: str = _f("none", "judged comparison of the trained student's replies with the base student's and the "
+                    "teacher's, each pair in both orders (docs/method.md): 'teacher' (the [judge] section's "
+                    "endpoint if it names one, else the [teacher] endpoint) or 'none'", choices=JUDGES)
+
+
+@dataclass(frozen=True)
+class JudgeConfig(TeacherConfig):
+    """[judge]: another endpoint for eval.judge = 'teacher'; empty backend: the [teacher] section's endpoint."""
+
+    backend: str = _f("", "empty: judge with the [teacher] endpoint; else openai or llamacpp",
+                      choices=("", "openai", "llamacpp"))
+    max_tokens: int = _f(16, "longest judge reply (the judge is asked for one word: A, B or tie)", min=1, max=32768)
 
 
 @dataclass(frozen=True)
@@ -177,6 +203,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     path: str = ""  # the recipe file, for messages and relative paths
 
     def section_dict(self, *names: str) -> dict:
@@ -255,12 +282,15 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
     t = recipe.teacher
     if t.backend in ("llamacpp", "jsonl"):
         t = dataclasses.replace(t, path=resolve("teacher.path", t.path, True))
-    if t.backend == "openai":
-        for key in ("base_url", "model"):
-            if not getattr(t, key):
-                raise UserError(f"teacher.{key}: required for backend 'openai'")
-        if not t.base_url.startswith(("http://", "https://")):
-            raise UserError(f"teacher.base_url: must start with http:// or https://, got {t.base_url!r}")
+    _check_endpoint("teacher", t)
+    judge = recipe.judge
+    if judge.backend:
+        if judge.backend == "llamacpp":
+            judge = dataclasses.replace(judge, path=resolve("judge.path", judge.path, True))
+        _check_endpoint("judge", judge)
+    if recipe.eval.judge == "teacher" and not judge.backend and t.backend not in ("openai", "llamacpp"):
+        raise UserError(f"eval.judge: 'teacher' needs a teacher that answers (openai or llamacpp), not "
+                        f"{t.backend!r}; or name one in a [judge] section")
     student = recipe.student
     if student.model != "smollm2-135m":
         student = dataclasses.replace(student, model=_resolve_model(student.model, base))
@@ -268,7 +298,18 @@ def _resolve_paths(recipe: Recipe) -> Recipe:
     if not run.out:
         stem = Path(recipe.path).stem if recipe.path and not recipe.path.startswith("<") else "run"
         run = dataclasses.replace(run, out=str(Path("runs") / stem))
-    return dataclasses.replace(recipe, data=data, teacher=t, student=student, run=run)
+    return dataclasses.replace(recipe, data=data, teacher=t, judge=judge, student=student, run=run)
+
+
+def _check_endpoint(section: str, t: TeacherConfig):
+    """An openai backend names its model and an http(s) base_url."""
+    if t.backend != "openai":
+        return
+    for key in ("base_url", "model"):
+        if not getattr(t, key):
+            raise UserError(f"{section}.{key}: required for backend 'openai'")
+    if not t.base_url.startswith(("http://", "https://")):
+        raise UserError(f"{section}.base_url: must start with http:// or https://, got {t.base_url!r}")
 
 
 def _resolve_model(model: str, base: Path) -> str:

@@ -2,6 +2,10 @@
 
 Backends: `openai` (any OpenAI-compatible HTTP server, stdlib only), `llamacpp` (a local GGUF),
 `jsonl` (anchors already on disk) and `tasks` (the task suite's reference answers).
+
+`reply(prompt)` gives the answer with what it cost (a `Reply`: tokens from the server's `usage` field or the
+local model's own tokenizer, HTTP requests sent, wall time): the run's ledger (`pudl.ledger`) sums them.
+`openai` and `llamacpp` teachers also `complete(messages)` any chat (the judge, `pudl.judge`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol, runtime_checkable
 
@@ -24,6 +30,76 @@ from pudl.prompts import Prompt, chat_messages, jsonl_rows
 from pudl.recipe import TeacherConfig
 
 BACKENDS = ("openai", "llamacpp", "jsonl", "tasks")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer and what getting it cost: tokens (0 where the backend counts none), requests sent, seconds."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 1
+    seconds: float = 0.0
+
+
+class TeacherFailure(TeacherError):
+    """A prompt the teacher failed, with the requests it took (each counts in the ledger)."""
+
+    def __init__(self, message: str, requests: int = 1, seconds: float = 0.0):
+        super().__init__(message)
+        self.requests = requests
+        self.seconds = seconds
+
+
+def with_system(messages: list[dict], system: str) -> list[dict]:
+    """`messages` with the teacher's own system text first (merged with the prompt's system message, if any)."""
+    if not system:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
+def reply_of(teacher, prompt: Prompt) -> Reply:
+    """`teacher.reply(prompt)`, or a Reply around `answer()` for a teacher that only has that (one call)."""
+    if hasattr(teacher, "reply"):
+        return teacher.reply(prompt)
+    t0 = time.perf_counter()
+    try:
+        text = teacher.answer(prompt)
+    except TeacherFailure:
+        raise
+    except TeacherError as e:
+        raise TeacherFailure(str(e), 1, time.perf_counter() - t0) from None
+    return Reply(text, seconds=time.perf_counter() - t0)
+
+
+def ask_all(ask, items: list, workers: int):
+    """Yield (item, Reply or TeacherFailure) as answers arrive, with at most `workers` calls of `ask` in flight.
+
+    The caller commits each one in its own thread (SQLite connections stay in their thread). A UserError (e.g.
+    a rejected key) stops the phase: queued items are cancelled, answers already committed stay."""
+    def one(item):
+        t0 = time.perf_counter()
+        try:
+            return ask(item)
+        except TeacherFailure as e:
+            return e
+        except TeacherError as e:
+            return TeacherFailure(str(e), 1, time.perf_counter() - t0)
+
+    if workers == 1:
+        for item in items:
+            yield item, one(item)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="teacher")
+    try:
+        futures = {pool.submit(one, item): item for item in items}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @runtime_checkable
@@ -46,11 +122,11 @@ def make_teacher(cfg: TeacherConfig) -> Teacher:
             raise UserError("teacher 'openai' needs a model")
         return OpenAITeacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env or None,
                              max_tokens=cfg.max_tokens, temperature=cfg.temperature, timeout_s=cfg.timeout_s,
-                             max_retries=cfg.max_retries, backoff_s=cfg.backoff_s)
+                             max_retries=cfg.max_retries, backoff_s=cfg.backoff_s, system=cfg.system)
     if cfg.backend == "llamacpp":
         if not cfg.path:
             raise UserError("teacher 'llamacpp' needs a path to a .gguf model")
-        return LlamaCppTeacher(cfg.path, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+        return LlamaCppTeacher(cfg.path, max_tokens=cfg.max_tokens, temperature=cfg.temperature, system=cfg.system)
     if cfg.backend == "jsonl":
         if not cfg.path:
             raise UserError("teacher 'jsonl' needs a path to an anchors file")
@@ -93,6 +169,7 @@ class OpenAITeacher:
         max_retries: int = 4,
         backoff_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        system: str = "",
     ):
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -108,6 +185,7 @@ class OpenAITeacher:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+        self.system = system
         # The key lives only in memory; it is read now so a missing one fails before any work is done.
         self._key: str | None = None
         if api_key_env:
@@ -124,24 +202,34 @@ class OpenAITeacher:
 
     def answer(self, prompt: Prompt) -> str:
         """The server's answer for `prompt`, retrying transient failures with backoff and jitter."""
+        return self.reply(prompt).text
+
+    def reply(self, prompt: Prompt) -> Reply:
+        """The answer for `prompt` (the teacher's system text first) with its usage."""
+        return self.complete(with_system(chat_messages(prompt), self.system))
+
+    def complete(self, messages: list[dict]) -> Reply:
+        """The server's reply to `messages`, retrying transient failures with backoff and jitter; every request
+        sent counts (a failure raises TeacherFailure with the count)."""
         body = json.dumps(
-            {
-                "model": self.model,
-                "messages": chat_messages(prompt),
-                "max_tokens": self.max_tokens,
-                "temperature": self.temperature,
-            }
+            {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
         ).encode()
         attempts = self.max_retries + 1
+        t0 = time.perf_counter()
         for attempt in range(attempts):
             try:
-                return self._post(body)
+                content, usage = self._post(body)
             except _Retry as e:
                 reason = e.reason
                 if attempt + 1 == attempts:
                     break
                 time.sleep(e.delay_s if e.delay_s is not None else self._backoff(attempt))
-        raise TeacherError(self._scrub(f"teacher {self.url}: {reason} (gave up after {attempts} attempts)"))
+            except TeacherError as e:
+                raise TeacherFailure(str(e), attempt + 1, time.perf_counter() - t0) from None
+            else:
+                return Reply(content, *usage, requests=attempt + 1, seconds=time.perf_counter() - t0)
+        raise TeacherFailure(self._scrub(f"teacher {self.url}: {reason} (gave up after {attempts} attempts)"),
+                             attempts, time.perf_counter() - t0)
 
     def _backoff(self, attempt: int) -> float:
         # Exponential with jitter, so many workers hitting one rate limit do not retry in lockstep.
@@ -151,7 +239,7 @@ class OpenAITeacher:
         # Servers may echo request headers in error bodies: the key must never reach a message or log.
         return text.replace(self._key, "[key]") if self._key else text
 
-    def _post(self, body: bytes) -> str:
+    def _post(self, body: bytes) -> tuple[str, tuple[int, int]]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -174,7 +262,7 @@ class OpenAITeacher:
             raise _Retry("malformed JSON reply") from None
         if not isinstance(content, str) or not content.strip():
             raise _Retry("empty answer")
-        return content
+        return content, _usage(data)
 
     def _http_error(self, e: urllib.error.HTTPError) -> NoReturn:
         try:
@@ -196,6 +284,14 @@ class OpenAITeacher:
         raise TeacherError(f"teacher {self.url}: {reason}") from None
 
 
+def _usage(data: dict) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) from an OpenAI-style reply's `usage` field; 0 for what it lacks."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    usage = usage if isinstance(usage, dict) else {}
+    count = lambda key: usage[key] if isinstance(usage.get(key), int) and usage[key] >= 0 else 0  # noqa: E731
+    return count("prompt_tokens"), count("completion_tokens")
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent/invalid."""
     if not value:
@@ -214,8 +310,9 @@ def _retry_after(value: str | None) -> float | None:
 class LlamaCppTeacher:
     """A local GGUF model through llama-cpp-python, loaded on first use."""
 
-    def __init__(self, path: str | Path, *, max_tokens: int = 256, temperature: float = 0.0):
+    def __init__(self, path: str | Path, *, max_tokens: int = 256, temperature: float = 0.0, system: str = ""):
         self.path = Path(path)
+        self.system = system
         if not self.path.is_file():
             raise UserError(f"{self.path}: teacher model file not found")
         self.name = f"llamacpp:{self.path.name}"
@@ -240,18 +337,26 @@ class LlamaCppTeacher:
 
     def answer(self, prompt: Prompt) -> str:
         """The local model's completion for `prompt`."""
+        return self.reply(prompt).text
+
+    def reply(self, prompt: Prompt) -> Reply:
+        """The completion for `prompt` (the teacher's system text first), tokens counted by the model itself."""
+        return self.complete(with_system(chat_messages(prompt), self.system), what=f"prompt {prompt.id!r}")
+
+    def complete(self, messages: list[dict], what: str = "a chat") -> Reply:
+        """The local model's reply to `messages`; llama.cpp's own token counts as the usage."""
+        t0 = time.perf_counter()
         with self._lock:
             llm = self._model()
             try:
-                out = llm.create_chat_completion(
-                    messages=chat_messages(prompt), temperature=self.temperature, max_tokens=self.max_tokens
-                )
+                out = llm.create_chat_completion(messages=messages, temperature=self.temperature,
+                                                 max_tokens=self.max_tokens)
             except (ValueError, RuntimeError) as e:  # e.g. the prompt does not fit the context window
-                raise TeacherError(f"{self.name}: {e}") from None
+                raise TeacherFailure(f"{self.name}: {e}", 1, time.perf_counter() - t0) from None
         content = out["choices"][0]["message"].get("content") or ""
         if not content.strip():
-            raise TeacherError(f"{self.name}: empty answer for prompt {prompt.id!r}")
-        return content
+            raise TeacherFailure(f"{self.name}: empty answer for {what}", 1, time.perf_counter() - t0)
+        return Reply(content, *_usage(out), seconds=time.perf_counter() - t0)
 
 
 class JsonlTeacher:

@@ -103,7 +103,7 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 pass
             self.close_connection = True
 
-        def _completion(self, content: str) -> bytes:
+        def _completion(self, content: str, usage: dict | None = None) -> bytes:
             return json.dumps(
                 {
                     "id": "chatcmpl-test",
@@ -111,6 +111,7 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                     "choices": [
                         {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
                     ],
+                    **({"usage": usage} if usage else {}),
                 }
             ).encode()
 
@@ -134,9 +135,13 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(400, b'{"error": "bad request"}')
             users = [m.get("content", "") for m in body["messages"] if m.get("role") == "user"]
             user = users[-1] if users else ""
-            good = self._completion(answer_for(user))
+            # usage as a server reports it (here: words in), so the client's ledger can be checked against it
+            usage = {"prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in body["messages"]),
+                     "completion_tokens": len(answer_for(user).split())}
+            good = self._completion(answer_for(user), usage)
             fault = server._next_fault(user)
-            record.update(user=user, fault=fault and fault[0])
+            record.update(user=user, fault=fault and fault[0], usage=usage,
+                          system=next((m.get("content") for m in body["messages"] if m.get("role") == "system"), None))
             with server._lock:
                 server.in_flight += 1
                 server.peak_in_flight = max(server.peak_in_flight, server.in_flight)

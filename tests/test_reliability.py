@@ -146,7 +146,7 @@ def test_foreign_or_newer_cache_is_refused_untouched(tmp_path):
         c.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         c.execute("INSERT INTO meta VALUES ('schema_version', '99')")
     before = (run / "cache.sqlite").read_bytes()
-    assert_one_line_error(pudl("run", recipe), "cache schema version 99, this pudl reads 1")
+    assert_one_line_error(pudl("run", recipe), "cache schema version 99, this pudl reads 2")
     assert (run / "cache.sqlite").read_bytes() == before
 
 
@@ -186,6 +186,7 @@ def test_disk_full_while_writing_the_cache_loses_no_committed_row(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "anchor": f"{i} " * 500}) + "\n"
                                               for i in range(n)))
     recipe = small_recipe(tmp_path, '[teacher]\nbackend = "jsonl"\npath = "a.jsonl"\n', prompts)
+    Path(recipe).write_text(Path(recipe).read_text().replace(BASE, BASE + "eval_fraction = 0.0\n"))  # all train
     run = tmp_path / "run"
     out = pudl("run", recipe, "--quiet", fsize=384 * 1024)
     assert_one_line_error(out, f"{run / 'cache.sqlite'}: cannot write (disk I/O error; disk full?)")
@@ -250,6 +251,7 @@ def test_teacher_phase_limits_concurrency_commits_each_anchor_and_retries_only_f
             server.inject(fault, **options)
         recipe = small_recipe(tmp_path, "[student]\nn_ctx = 256\n[teacher]\n" +
                               openai_teacher(server.base_url, concurrency=3), "\n".join(prompts) + "\n")
+        Path(recipe).write_text(Path(recipe).read_text().replace(BASE, BASE + "eval_fraction = 0.0\n"))
         monkeypatch.setenv(KEY_ENV, KEY)
         (tmp_path / "run").mkdir()
         state = Run(load_recipe(recipe), Reporter(tmp_path / "run", quiet=True))

@@ -17,12 +17,12 @@ LAYERS = {
               "pudl.bench"},
     "loop": {"pudl.loop", "pudl.runtime"},
     "stages": {"pudl.teachers", "pudl.sampler", "pudl.mlx_sampler", "pudl.sampling", "pudl.scoring", "pudl.pairs",
-               "pudl.prefs", "pudl.train", "pudl.losses", "pudl.evaluate", "pudl.agreement", "pudl.adapters",
+               "pudl.prefs", "pudl.train", "pudl.losses", "pudl.evaluate", "pudl.agreement", "pudl.adapters", "pudl.judge",
                "pudl.stages", "pudl.distributed", "pudl.report", "pudl.html_report"},
     "model": {"pudl.models", "pudl.mlx_lm_models", "pudl.gguf_quants", "pudl.kernels", "pudl.cache", "pudl.sequences",
               "pudl.llamacpp", "pudl.hardware", "pudl.convert", "pudl.hfdir", "pudl.wire"},
     "values": {"pudl.domain", "pudl.errors", "pudl.recipe", "pudl.init_recipe", "pudl.prompts", "pudl.tasks",
-               "pudl.atomic_files"},
+               "pudl.atomic_files", "pudl.ledger"},
 }
 ORDER = list(LAYERS)
 
