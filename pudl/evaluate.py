@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from pudl.agreement import family_or_other, order_consistency
+from pudl.agreement import family_or_other
 from pudl.domain import SamplingParams
 from pudl.errors import UserError
 from pudl.prompts import Prompt, chat_messages
@@ -149,9 +149,3 @@ def reference_metrics(result: dict, references: dict[str, str]) -> dict | None:
         return None
     return {"n": len(rows), "chrf": float(np.mean([r["chrf"] for r in rows])),
             "rouge_l": float(np.mean([r["rouge_l"] for r in rows]))}
-
-
-def ranker_agreement(prompts: list[Prompt], candidates: dict, scores: dict[str, dict[str, list[float]]]) -> dict:
-    """How well each scorer's ranking agrees with answer correctness, overall and per task family
-    (`pudl.agreement.order_consistency`: ROC AUC lenient/strict, Spearman, best-vs-worst picks)."""
-    return order_consistency(prompts, candidates, scores)

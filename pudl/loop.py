@@ -204,10 +204,10 @@ class Run:
     # one round -----------------------------------------------------------------------------------
     def sample(self, round_: int, prompts: list[Prompt], adapter: Path | None, fp: str) -> dict[str, list[Candidate]]:
         """The round's candidates per prompt: sampled now for the prompts without any, the rest from the cache."""
-        candidates = self.cache.candidates(round_)
-        if self.stages.begin(round_, "sample", fp, missing=sum(p.id not in candidates for p in prompts)):
-            return candidates
-        candidates = self.cache.candidates(round_)  # begin() clears the rows of a changed recipe
+        sampled = self.cache.sampled_prompt_ids(round_)
+        if self.stages.begin(round_, "sample", fp, missing=sum(p.id not in sampled for p in prompts)):
+            return self.cache.candidates(round_)
+        candidates = self.cache.candidates(round_)  # read after begin(): it clears the rows of a changed recipe
         todo = [p for p in prompts if p.id not in candidates]
         with self.runtime.sampler(adapter) as sampler, self.rep.phase("sample", len(todo), round_) as advance:
             def store(p, cands):
@@ -256,12 +256,13 @@ class Run:
         groups = make_groups(prompts, scores, anchor_scores, t.include_anchor, r.anchor, r.min_gap)
         if self.stages.begin(round_, "prefs", fp):
             return self.cache.pairs(round_), groups, self.cache.references(round_)
-        pairs = []
-        for p in prompts:
-            if p.id in scores:
-                pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs, r.min_gap,
-                                    anchor_scores.get(p.id), r.near_anchor)
-        pairs = pair_order(pairs) if t.algo == "dpo" else []
+        pairs = []  # listwise objectives train on the groups
+        if t.algo == "dpo":
+            for p in prompts:
+                if p.id in scores:
+                    pairs += make_pairs(p.id, anchors[p.id], candidates[p.id], np.array(scores[p.id]), r.pairs,
+                                        r.min_gap, anchor_scores.get(p.id), r.near_anchor)
+        pairs = pair_order(pairs)
         comp = Completions({p.id: p for p in prompts}, anchors, candidates, self.tokenizer)
         keys = needed_references(t.algo, pairs, groups)
         with self.rep.phase("reference", len(keys), round_) as advance:

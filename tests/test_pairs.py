@@ -53,14 +53,14 @@ def test_roc_auc_against_bruteforce():
 
 
 def test_ranker_agreement_counts_correct_candidates():
-    from pudl.evaluate import ranker_agreement
+    from pudl.agreement import order_consistency
     from pudl.prompts import Prompt
 
     prompts = [Prompt("a", "capital of France?", answer="Paris"), Prompt("b", "no answer")]
     c = {"a": cands("Paris.", "London", "It is Paris"), "b": cands("x", "y")}
     good = {"a": [-0.1, -5.0, -0.3], "b": [0.0, 1.0]}
     bad = {"a": [-5.0, -0.1, -0.3], "b": [0.0, 1.0]}
-    out = ranker_agreement(prompts, c, {"good": good, "bad": bad})
+    out = order_consistency(prompts, c, {"good": good, "bad": bad})
     assert out["good"]["auc"] == 1.0 and out["good"]["best_vs_worst_correct"] == 1.0
     assert out["bad"]["auc"] == 0.0 and out["bad"]["best_vs_worst_correct"] == 0.0
     assert out["good"]["candidates"] == 3 and abs(out["good"]["correct_fraction"] - 2 / 3) < 1e-12
